@@ -1,0 +1,260 @@
+"""
+Quantizers: how a weight is stored in a few bits, and how it is rounded there.
+
+A quantized tensor is a pair (codes, scale). The codes are low-bit numbers on a fixed grid; the
+scale is one float32 per row (or per tensor) that stretches the grid to the data:
+
+    scale = max|x| / rho            (symmetric "absmax" scaling, rho = the format's largest value)
+    codes = round(x / scale)        (onto the format's grid, clamped to [-rho, rho])
+    x_hat = codes * scale           (dequantize: what the next forward pass sees)
+
+The formats (FORMATS below):
+    fp8_e4m3  FP8 with 4 exponent and 3 mantissa bits, rho = 448, one scale per row. Its grid is not
+              uniform: between 2^k and 2^(k+1) there are 8 points, spaced 2^(k-3); below 2^-6 the
+              subnormals are spaced 2^-9. Stored as torch.float8_e4m3fn: 1 byte per value.
+    int8      integers in [-127, 127], one scale per row. Stored as torch.int8.
+    int4      integers in [-7, 7], one scale per tensor (the paper's fine-tuning setting). Stored one
+              value per byte in torch.int8 (a real kernel would pack two per byte).
+"Row" is the last dimension: a Linear weight [out, in] gets one scale per output channel, an expert
+bank [E, out, in] one per expert row, activations [B, T, C] one per token.
+
+Rounding. Let lo < hi be the two grid points around y = x / scale.
+    nearest     pick the closer one (ties to even, like the hardware cast). Smallest error, but
+                biased: an update smaller than half a grid step is rounded away every time.
+    stochastic  pick hi with probability (y - lo) / (hi - lo). Unbiased: E[q(y)] = y, so small updates
+                survive on average. We compute lo, hi and the probability exactly on the real grid;
+                "add noise proportional to |x|, then cast" is not exact (biased at binade edges).
+
+The rest of the file is what training needs: QuantizedWeight / QLinear store a weight as codes + scale
+(no high-precision copy), quantize activations to FP8 in the forward pass (straight-through in the
+backward, as the paper does), and route the float32 weight gradient to `weight.main_grad`, where the
+optimizer (eco.py) reads it. quantize_linears_ swaps a model's Linears for QLinear.
+
+Test: python -m pytest -q test_eco.py -k quant
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    dtype: torch.dtype  # how the codes are stored
+    max: float  # rho: the largest code
+    per_row: bool  # one scale per row (last dim) if True, else one per tensor
+    mantissa_bits: int | None = None  # float formats only
+    min_exponent: int | None = None  # float formats: exponent of the smallest normal (below: subnormals)
+
+
+FORMATS = {
+    "fp8_e4m3": Format("fp8_e4m3", torch.float8_e4m3fn, 448.0, True, mantissa_bits=3, min_exponent=-6),
+    "int8": Format("int8", torch.int8, 127.0, True),
+    "int4": Format("int4", torch.int8, 7.0, False),
+}
+ROUNDINGS = ("nearest", "stochastic")
+
+
+class NonFiniteError(ValueError):
+    """A NaN or Inf reached a quantizer or the optimizer. Training loops catch this to report divergence."""
+
+
+def get_format(fmt):
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; accepted: {sorted(FORMATS)}")
+    return FORMATS[fmt]
+
+
+def check_rounding(rounding):
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}; accepted: {list(ROUNDINGS)}")
+
+
+def check_finite(x, what):
+    if not torch.isfinite(x).all():
+        raise NonFiniteError(f"{what} contains NaN or Inf (shape {tuple(x.shape)}); refusing to quantize it")
+
+
+# -----------------------------------------------------------------------------
+# The grid and the two roundings, on already-scaled values y = x / scale
+
+def grid_step(y, f):
+    """Spacing of the format's grid around each y: the distance from lo to hi."""
+    if f.mantissa_bits is None:
+        return torch.ones_like(y)  # integers
+    _, e = torch.frexp(y)  # |y| = m * 2^e with m in [0.5, 1), so floor(log2|y|) = e - 1
+    exponent = (e - 1).clamp_min(f.min_exponent)  # below the smallest normal the spacing stays fixed
+    return torch.ldexp(torch.ones_like(y), exponent - f.mantissa_bits)
+
+
+def round_to_grid(y, f, rounding, generator=None):
+    """Round y (float32, already divided by the scale) onto the grid of format f. Exact in float32."""
+    y = y.clamp(-f.max, f.max)
+    step = grid_step(y, f)
+    t = y / step  # exact: step is a power of two. Grid points are the integers of t.
+    if rounding == "nearest":
+        return torch.round(t) * step  # torch.round breaks ties to even, like the FP8 cast
+    lo = torch.floor(t)
+    u = torch.rand(y.shape, generator=generator, device=y.device)  # uniform in [0, 1)
+    return (lo + (u < t - lo)) * step  # up with probability (y - lo) / (hi - lo), exactly
+
+
+# -----------------------------------------------------------------------------
+# Public quantizer functions
+
+def compute_scale(x, f):
+    """float32 absmax / rho per row (last dim) or per tensor; never 0, so an all-zero row stays 0/1 = 0."""
+    amax = x.abs().amax(dim=-1, keepdim=True) if f.per_row else x.abs().amax().reshape([1] * x.dim())
+    return (amax / f.max).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def quantize(x, fmt, rounding="nearest", generator=None):
+    """x (any float dtype) -> (codes in the format's storage dtype, float32 scale broadcastable to codes)."""
+    f = get_format(fmt)
+    check_rounding(rounding)
+    check_finite(x, "quantize input")
+    x = x.float()
+    scale = compute_scale(x, f)
+    codes = round_to_grid(x / scale, f, rounding, generator).to(f.dtype)  # the grid value is exact in f.dtype
+    return codes, scale
+
+
+def dequantize(codes, scale, fmt):
+    get_format(fmt)
+    return codes.float() * scale
+
+
+def quantize_dequantize(x, fmt, rounding="nearest", generator=None):
+    """The value on the grid, as float32: dequantize(*quantize(x, ...))."""
+    return dequantize(*quantize(x, fmt, rounding, generator), fmt)
+
+
+def quantize_activations(x, fmt="fp8_e4m3"):
+    """Row-wise (per token) round-to-nearest in the forward pass; identity in the backward (straight-through).
+    (x - x.detach()) is exactly zero, so the value is exactly the grid value and the gradient is exactly dy."""
+    return quantize_dequantize(x.detach(), fmt) + (x - x.detach())
+
+
+# -----------------------------------------------------------------------------
+# Modules that really store codes + scale
+
+class QuantizedWeight(nn.Module):
+    """A weight of any shape stored as codes (`weight`, 1 byte per value) and float32 scales (`scale`).
+
+    There is no high-precision copy between steps. Calling the module returns the dequantized float32
+    weight for one forward pass; its gradient is added (in float32) to `weight.main_grad`, which
+    accumulates across micro-batches like `.grad` and is what eco.py's optimizers read. The codes
+    parameter also carries `.fmt` and `.scale`, so the optimizer can re-quantize it in place.
+    """
+
+    def __init__(self, shape, fmt="fp8_e4m3"):
+        super().__init__()
+        f = get_format(fmt)
+        self.fmt = fmt
+        self.weight = nn.Parameter(torch.zeros(shape, dtype=f.dtype), requires_grad=False)
+        scale_shape = (*shape[:-1], 1) if f.per_row else (1,) * len(shape)
+        self.register_buffer("scale", torch.ones(scale_shape))
+        self._link()
+
+    def _link(self):
+        # The optimizer sees only the codes parameter: hang the format and scale on it.
+        # .to()/.cuda() replace buffers and deepcopy/pickle rebuild parameters without their attributes,
+        # so _apply and __setstate__ below re-attach them.
+        self.weight.fmt = self.fmt
+        self.weight.scale = self.scale
+        if not hasattr(self.weight, "main_grad"):
+            self.weight.main_grad = None
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self._link()
+        return self
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._link()
+
+    @torch.no_grad()
+    def set_float_(self, w):
+        """Store a float weight (round-to-nearest), e.g. when converting a trained model."""
+        codes, scale = quantize(w, self.fmt, "nearest")
+        self.weight.copy_(codes)
+        self.scale.copy_(scale)
+        return self
+
+    def dequantized_weight(self):
+        return dequantize(self.weight, self.scale, self.fmt)
+
+    def _accumulate_main_grad(self, grad):
+        if self.weight.main_grad is None:
+            self.weight.main_grad = grad.float().clone()
+        else:
+            self.weight.main_grad.add_(grad)
+
+    def forward(self):
+        # A fresh float32 leaf each forward: autograd computes its gradient even when the layer's input
+        # does not require grad, and the hook moves that gradient to main_grad. The leaf is freed with
+        # the graph after backward.
+        w = self.dequantized_weight().requires_grad_(True)
+        if torch.is_grad_enabled():
+            w.register_hook(self._accumulate_main_grad)
+        return w
+
+    def quantize_input(self, x):
+        """The paper quantizes the activations entering an FP8 matmul too (per token, round-to-nearest)."""
+        return quantize_activations(x, self.fmt) if self.fmt == "fp8_e4m3" else x
+
+    def extra_repr(self):
+        return f"shape={tuple(self.weight.shape)}, fmt={self.fmt}"
+
+
+class FloatWeight(nn.Module):
+    """A plain float parameter behind the same call interface as QuantizedWeight, so that a layer using a
+    raw weight tensor (the MoE's [E, out, in] expert banks) can be quantized by quantize_linears_."""
+
+    def __init__(self, tensor):
+        super().__init__()
+        self.weight = nn.Parameter(tensor)
+
+    def forward(self):
+        return self.weight
+
+    def quantize_input(self, x):
+        return x
+
+
+class QLinear(QuantizedWeight):
+    """Drop-in for a bias-free nn.Linear(in_features, out_features) whose weight is stored quantized."""
+
+    def __init__(self, in_features, out_features, fmt="fp8_e4m3"):
+        super().__init__((out_features, in_features), fmt)
+        self.in_features, self.out_features = in_features, out_features
+
+    @classmethod
+    def from_linear(cls, linear, fmt="fp8_e4m3"):
+        if not isinstance(linear, nn.Linear) or linear.bias is not None:
+            raise TypeError(f"QLinear.from_linear needs a bias-free nn.Linear, got {linear!r}")
+        q = cls(linear.in_features, linear.out_features, fmt).to(linear.weight.device)
+        return q.set_float_(linear.weight.detach())
+
+    def forward(self, x):
+        return F.linear(self.quantize_input(x), super().forward())
+
+
+def quantize_linears_(model, fmt, include=None):
+    """Swap, in place, every bias-free nn.Linear for a QLinear and every FloatWeight for a QuantizedWeight.
+    include(name, module) -> bool picks which (e.g. only the transformer-block Linears). Returns the
+    number of weights swapped."""
+    get_format(fmt)
+    targets = [(name, m) for name, m in model.named_modules()
+               if (type(m) is nn.Linear or type(m) is FloatWeight) and (include is None or include(name, m))]
+    for name, m in targets:
+        if type(m) is nn.Linear:
+            new = QLinear.from_linear(m, fmt)
+        else:
+            new = QuantizedWeight(tuple(m.weight.shape), fmt).to(m.weight.device).set_float_(m.weight.detach())
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+    return len(targets)

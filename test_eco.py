@@ -1,0 +1,375 @@
+"""
+Tests: each one states what it proves. All run on the CPU in a few minutes:
+
+    python -m pytest -q
+
+The Triton kernel is tested through Triton's interpreter (TRITON_INTERPRET=1, set below before triton is
+imported); tests that need a GPU are skipped one by one when there is none.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is first imported
+
+import pytest
+import torch.nn as nn
+
+import eco
+import quant
+
+FP8 = quant.FORMATS["fp8_e4m3"]
+ALL_FP8 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+FP8_GRID = torch.unique(ALL_FP8[torch.isfinite(ALL_FP8)])  # the 253 distinct finite E4M3 values, sorted
+
+
+def neighbours(y, grid):
+    """Independent of quant.py: the grid points just below-or-at and just above-or-at y."""
+    hi = grid[torch.searchsorted(grid, y, right=False).clamp(max=len(grid) - 1)]
+    lo = grid[(torch.searchsorted(grid, y, right=True) - 1).clamp(min=0)]
+    return lo, hi
+
+
+def tricky_fp8_values():
+    """Binade edges, midpoints, subnormals, the smallest values, +-max, and random values, all in [-448, 448]."""
+    edges = torch.tensor([2.0 ** k for k in range(-9, 9)])
+    vals = [edges, edges * 1.0625, edges * 0.97, edges * (1 + 1 / 16), torch.tensor([0.4856, 0.0, 1e-4, 3e-3,
+            2.0 ** -9 / 2, 2.0 ** -7, 416.0, 430.0, 447.0, 448.0]), torch.rand(200) * 448, torch.rand(200) * 2 ** -6]
+    v = torch.cat(vals)
+    return torch.cat([v, -v])
+
+
+# -----------------------------------------------------------------------------
+# quant.py
+
+def test_rtn_equals_pytorch_fp8_cast_bit_for_bit():
+    y = torch.cat([tricky_fp8_values(), (torch.rand(100_000) * 2 - 1) * 448, torch.randn(100_000) * 1e-2])
+    ours = quant.round_to_grid(y, FP8, "nearest")
+    assert torch.equal(ours, y.to(torch.float8_e4m3fn).float())
+    # and through quantize(): codes are the cast of the scaled values
+    x = torch.randn(64, 300) * torch.logspace(-6, 3, 64)[:, None]
+    codes, scale = quant.quantize(x, "fp8_e4m3")
+    assert codes.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and scale.shape == (64, 1)
+    assert torch.equal(codes.view(torch.uint8), (x / scale).to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+def test_rtn_carry_into_exponent():
+    """The interpreter trap from the guide: 0.4856 must round to 0.5, not 0.25."""
+    assert quant.round_to_grid(torch.tensor([0.4856, 0.97, 15.9]), FP8, "nearest").tolist() == [0.5, 1.0, 16.0]
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8", "int4"])
+def test_stochastic_rounding_picks_a_neighbour_and_is_unbiased(fmt):
+    f = quant.FORMATS[fmt]
+    if fmt == "fp8_e4m3":
+        y, grid = tricky_fp8_values(), FP8_GRID
+    else:
+        y = torch.cat([torch.linspace(-f.max, f.max, 101), (torch.rand(100) * 2 - 1) * f.max])
+        grid = torch.arange(-f.max, f.max + 1)
+    n = 4000
+    gen = torch.Generator().manual_seed(1234)
+    samples = quant.round_to_grid(y.expand(n, -1).contiguous(), f, "stochastic", gen)  # (n, values)
+    lo, hi = neighbours(y, grid)
+    assert ((samples == lo) | (samples == hi)).all(), "SR must pick one of the two neighbours"
+    p = torch.where(hi > lo, (y - lo) / (hi - lo), torch.zeros_like(y))
+    sd = (hi - lo) * torch.sqrt(p * (1 - p) / n)
+    assert ((samples.mean(0) - y).abs() <= 5 * sd + 1e-6 * (hi - lo + y.abs())).all(), "SR must be unbiased"
+    on_grid = lo == hi
+    assert (samples[:, on_grid] == y[on_grid]).all(), "values on the grid never move"
+
+
+def test_stochastic_rounding_is_reproducible_from_a_generator():
+    x = torch.randn(32, 100)
+    a = quant.quantize(x, "fp8_e4m3", "stochastic", torch.Generator().manual_seed(7))
+    b = quant.quantize(x, "fp8_e4m3", "stochastic", torch.Generator().manual_seed(7))
+    c = quant.quantize(x, "fp8_e4m3", "stochastic", torch.Generator().manual_seed(8))
+    assert torch.equal(a[0].float(), b[0].float()) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0].float(), c[0].float())
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8", "int4"])
+def test_quantize_dequantize_is_idempotent_on_grid_values(fmt):
+    x = torch.randn(16, 70) * torch.logspace(-3, 2, 16)[:, None]
+    for rounding in quant.ROUNDINGS:
+        once = quant.quantize_dequantize(x, fmt, rounding, torch.Generator().manual_seed(0))
+        twice = quant.quantize_dequantize(once, fmt, rounding, torch.Generator().manual_seed(1))
+        assert torch.equal(once, twice)
+
+
+def test_scales_per_row_per_tensor_and_for_expert_banks():
+    x = torch.randn(4, 6, 10)  # an expert bank [E, out, in]
+    assert quant.quantize(x, "fp8_e4m3")[1].shape == (4, 6, 1)
+    assert quant.quantize(x, "int8")[1].shape == (4, 6, 1)
+    codes, scale = quant.quantize(x, "int4")
+    assert scale.shape == (1, 1, 1) and codes.abs().max() == 7 and codes.dtype == torch.int8
+    assert torch.allclose(scale, x.abs().max() / 7)
+
+
+def test_all_zero_rows_get_a_finite_scale():
+    x = torch.zeros(3, 8)
+    x[1] = torch.randn(8)
+    for fmt in quant.FORMATS:
+        codes, scale = quant.quantize(x, fmt, "stochastic")
+        assert torch.isfinite(scale).all() and (scale > 0).all()
+        assert (codes[0].float() == 0).all() and (quant.dequantize(codes, scale, fmt)[2] == 0).all()
+
+
+def test_quantizer_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="fp8_e5m2.*accepted.*fp8_e4m3"):
+        quant.quantize(torch.ones(2), "fp8_e5m2")
+    with pytest.raises(ValueError, match="'up'.*accepted.*nearest"):
+        quant.quantize(torch.ones(2), "int8", rounding="up")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quant.quantize(torch.tensor([1.0, float("nan")]), "int8")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quant.quantize(torch.tensor([1.0, float("inf")]), "fp8_e4m3")
+    with pytest.raises(ValueError, match="accepted"):
+        quant.QLinear(4, 4, fmt="fp4")
+    with pytest.raises(TypeError, match="bias-free"):
+        quant.QLinear.from_linear(nn.Linear(4, 4, bias=True))
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int4"])
+def test_qlinear_stores_codes_and_its_gradient_matches_nn_linear(fmt):
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 16, bias=False)
+    q = quant.QLinear.from_linear(lin, fmt)
+    assert q.weight.dtype == quant.FORMATS[fmt].dtype and q.weight.element_size() == 1
+    assert q.scale.dtype == torch.float32 and q.scale.numel() == (16 if fmt == "fp8_e4m3" else 1)
+    assert [p.dtype for p in q.parameters()] == [quant.FORMATS[fmt].dtype], "no hidden float copy"
+    ref = nn.Linear(32, 16, bias=False)
+    ref.weight.data = q.dequantized_weight().clone()
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    x_seen = quant.quantize_dequantize(x.detach(), "fp8_e4m3") if fmt == "fp8_e4m3" else x.detach().clone()
+    x_seen.requires_grad_()
+    y, y_ref = q(x), ref(x_seen)
+    assert torch.equal(y, y_ref)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    assert torch.equal(q.weight.main_grad, ref.weight.grad)
+    assert torch.equal(x.grad, x_seen.grad), "straight-through: the input gradient ignores the rounding"
+    # main_grad accumulates across micro-batches, like .grad
+    q(x).backward(dy)
+    assert torch.equal(q.weight.main_grad, 2 * ref.weight.grad)
+
+
+def test_qlinear_as_first_layer_input_without_grad():
+    q = quant.QLinear.from_linear(nn.Linear(8, 4, bias=False))
+    x = torch.randn(3, 8)  # does not require grad
+    q(x).sum().backward()
+    assert q.weight.main_grad is not None and q.weight.main_grad.shape == (4, 8)
+    expected = quant.quantize_dequantize(x, "fp8_e4m3").sum(0).expand(4, 8)
+    assert torch.allclose(q.weight.main_grad, expected)
+
+
+def test_quantize_linears_swaps_only_included_modules_and_survives_copies():
+    import copy
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8, bias=False), nn.Linear(8, 10, bias=False))
+    n = quant.quantize_linears_(model, "fp8_e4m3", include=lambda name, m: name == "1")
+    assert n == 1 and isinstance(model[1], quant.QLinear) and type(model[2]) is nn.Linear
+    for clone in (copy.deepcopy(model), model.to("cpu")):
+        assert clone[1].weight.scale is clone[1].scale and clone[1].weight.fmt == "fp8_e4m3"
+
+
+# -----------------------------------------------------------------------------
+# eco.py: the math
+
+def adamw_args(seed, shape=(7, 33)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g), [torch.randn(shape, generator=g) for _ in range(60)]
+
+
+def test_reference_with_identity_quantizer_is_exactly_torch_adamw():
+    w0, grads = adamw_args(0)
+    hyper = dict(lr=3e-3, beta1=0.9, beta2=0.98, eps=1e-8, weight_decay=0.1)
+    p = nn.Parameter(w0.clone())
+    ref = torch.optim.AdamW([p], lr=3e-3, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.1, foreach=False)
+    w, m, v = w0.clone(), torch.zeros_like(w0), torch.zeros_like(w0)
+    for t, g in enumerate(grads, 1):
+        p.grad = g
+        ref.step()
+        w = eco.eco_adamw_step(w, g, m, v, step=t, **hyper, quantize=lambda x: x)
+        assert torch.equal(w, p.data)
+    assert torch.equal(m, ref.state[p]["exp_avg"]) and torch.equal(v, ref.state[p]["exp_avg_sq"])
+
+
+def test_eco_adamw_unquantized_params_are_exactly_torch_adamw():
+    w0, grads = adamw_args(1)
+    a, b = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+    ours = eco.ECOAdamW([a], lr=1e-2, betas=(0.9, 0.98), weight_decay=0.1, mode="eco")
+    ref = torch.optim.AdamW([b], lr=1e-2, betas=(0.9, 0.98), weight_decay=0.1, foreach=False)
+    for g in grads:
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    assert torch.equal(a, b)
+
+
+def test_eco_injection_has_the_briefs_sign_and_coefficient():
+    """m_after = m_adam + (1 - lr wd)(bc1/lr)(1 - 1/beta1)(sqrt(v/bc2) + eps) e, with e = theta - q(theta)."""
+    w, grads = adamw_args(2)
+    lr, b1, b2, eps, wd, t = 1e-3, 0.9, 0.98, 1e-8, 0.1, 3
+    m, v = torch.randn_like(w), torch.rand_like(w)
+    m_adam, v_adam = m.clone(), v.clone()
+    theta, _ = eco.adamw_update(w, grads[0], m_adam, v_adam, step=t, lr=lr, beta1=b1, beta2=b2, eps=eps,
+                                weight_decay=wd)
+    q = lambda x: quant.quantize_dequantize(x, "int4")
+    new = eco.eco_adamw_step(w, grads[0], m, v, step=t, lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd,
+                             quantize=q)
+    e = theta - new
+    bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+    expected = m_adam + (1 - lr * wd) * (bc1 / lr) * (1 - 1 / b1) * (torch.sqrt(v_adam / bc2) + eps) * e
+    assert torch.equal(v, v_adam), "v is untouched by the injection"
+    assert torch.allclose(m, expected, rtol=1e-5, atol=1e-6)
+    assert ((m - m_adam) * e <= 0).all(), "alpha is negative: the injection points against the error"
+
+
+def test_eco_sgd_momentum_stops_decaying_when_no_weight_moves():
+    """The brief: if q(theta) = w (nothing crossed a grid point), e = -lr m~ and m' = m~ / beta."""
+    w, g, m = torch.zeros(50), torch.randn(50), torch.randn(50)
+    m_tilde = 0.9 * m + 0.1 * g
+    eco.eco_sgd_step(w, g, m, lr=1e-3, momentum=0.9, weight_decay=0.0, quantize=lambda theta: w)
+    assert torch.allclose(m, m_tilde / 0.9, rtol=1e-5)
+
+
+def test_exact_two_term_rule_reproduces_master_weight_sgdm():
+    """Appendix rule m <- m~ + e_t/lr - e_{t+1}/(lr beta) gives iterates theta equal to master-weight SGDM
+    (both evaluate the gradient at q(.) of the same point), here on a noisy quadratic, in float64."""
+    g = torch.Generator().manual_seed(3)
+    target, lr, beta, delta = torch.randn(100, generator=g, dtype=torch.float64), 0.05, 0.9, 0.1
+    q = lambda x: torch.round(x / delta) * delta  # a fixed uniform grid, round-to-nearest
+    noise = [torch.randn(100, generator=g, dtype=torch.float64) for _ in range(300)]
+    master, m_master = q(target + 1), torch.zeros(100, dtype=torch.float64)
+    stored, m, e = master.clone(), torch.zeros(100, dtype=torch.float64), torch.zeros(100, dtype=torch.float64)
+    for n in noise:
+        m_master = beta * m_master + (1 - beta) * (q(master) - target + n)
+        master = master - lr * m_master
+        m_tilde = beta * m + (1 - beta) * (stored - target + n)
+        theta = stored - lr * m_tilde
+        stored = q(theta)
+        e_new = theta - stored
+        m = m_tilde + e / lr - e_new / (lr * beta)
+        e = e_new
+        assert torch.allclose(theta, master, rtol=0, atol=1e-9)
+
+
+def quadratic_error(mode, lr, steps=1500, n=256):
+    """Minimise 0.5 |w - target|^2 with ECOSGD on an int8 row (grid step about 1/127), round-to-nearest.
+    Returns the mean squared distance of the stored weight to the optimum over the last 300 steps."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(1, n, generator=g) * 2 - 1
+    target[0, 0] = 1.0  # pins the row scale near 1/127
+    w = quant.QuantizedWeight((1, n), "int8").set_float_(target + 0.5 * torch.randn(1, n, generator=g))
+    opt = eco.ECOSGD([w.weight], lr=lr, momentum=0.9, mode=mode, rounding="nearest")
+    errors = []
+    for t in range(steps):
+        w.weight.main_grad = w.dequantized_weight() - target
+        opt.step()
+        errors.append(((w.dequantized_weight() - target) ** 2).mean().item())
+    return sum(errors[-300:]) / 300
+
+
+def test_quadratic_naive_stalls_as_lr_shrinks_while_eco_tracks_master():
+    """The paper's theory in miniature: with RTN, naive removal's error grows as lr shrinks (updates under
+    half a grid step are lost); ECO stays within a small factor of master weights at every lr."""
+    err = {(mode, lr): quadratic_error(mode, lr) for mode in eco.MODES for lr in (0.1, 0.01)}
+    assert err["naive", 0.01] > 20 * err["naive", 0.1]
+    for lr in (0.1, 0.01):
+        assert err["naive", lr] > 10 * err["master", lr]
+        assert err["eco", lr] < 5 * err["master", lr]
+
+
+# -----------------------------------------------------------------------------
+# eco.py: the optimizer classes
+
+def tiny_model(fmt="fp8_e4m3"):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(16, 24), nn.Linear(24, 24, bias=False), nn.ReLU(), nn.Linear(24, 16, bias=False))
+    quant.quantize_linears_(model, fmt, include=lambda name, m: name == "1")
+    return model
+
+
+def train_steps(model, opt, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, 16, (8,), generator=g)
+        loss = nn.functional.cross_entropy(model(idx), (idx + 1) % 16)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+@pytest.mark.parametrize("mode", eco.MODES)
+def test_every_mode_trains_the_tiny_model(mode):
+    model = tiny_model()
+    opt = eco.ECOAdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.98), weight_decay=0.1, mode=mode)
+    first = train_steps(model, opt, 1, seed=0)
+    last = train_steps(model, opt, 150, seed=1)
+    assert last < 0.5 * first
+    assert model[1].weight.dtype == torch.float8_e4m3fn
+    assert ("master" in opt.state[model[1].weight]) == (mode == "master")
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_checkpoint_resume_is_bit_identical(optimizer, tmp_path):
+    def make(model):
+        if optimizer == "adamw":
+            return eco.ECOAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, mode="eco", rounding="stochastic", seed=5)
+        return eco.ECOSGD(model.parameters(), lr=0.1, weight_decay=0.1, mode="eco", rounding="stochastic", seed=5)
+    model = tiny_model()
+    opt = make(model)
+    train_steps(model, opt, 10, seed=0)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    train_steps(model, opt, 10, seed=1)
+
+    resumed = tiny_model()
+    resumed_opt = make(resumed)
+    ckpt = torch.load(tmp_path / "ckpt.pt")
+    resumed.load_state_dict(ckpt["model"])
+    resumed_opt.load_state_dict(ckpt["opt"])
+    state = resumed_opt.state[resumed[1].weight]
+    assert all(v.dtype == torch.float32 for v in state.values() if torch.is_tensor(v)), "moments must stay float32"
+    train_steps(resumed, resumed_opt, 10, seed=1)
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a.float(), b.float()), name
+
+
+def test_non_finite_gradient_raises_before_touching_anything():
+    model = tiny_model()
+    opt = eco.ECOAdamW(model.parameters(), lr=1e-2, mode="eco")
+    train_steps(model, opt, 2, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state_before = {k: v.clone() for k, v in opt.state[model[1].weight].items() if torch.is_tensor(v)}
+    model(torch.arange(4)).sum().backward()
+    model[3].weight.grad[0, 0] = float("nan")  # a plain parameter, visited after the quantized one
+    with pytest.raises(ValueError, match="non-finite gradient"):
+        opt.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v.float(), before[k].float()), k
+    for k, v in state_before.items():
+        assert torch.equal(opt.state[model[1].weight][k], v)
+
+
+def test_optimizer_bad_arguments_raise_clear_errors():
+    params = list(tiny_model().parameters())
+    with pytest.raises(ValueError, match="'ema'.*accepted.*master.*naive.*eco"):
+        eco.ECOAdamW(params, mode="ema")
+    with pytest.raises(ValueError, match="'floor'.*accepted"):
+        eco.ECOAdamW(params, rounding="floor")
+    with pytest.raises(ValueError, match="lr=-0.1"):
+        eco.ECOAdamW(params, lr=-0.1)
+    with pytest.raises(ValueError, match="beta1=0.0.*\\(0.0, 1.0\\)"):
+        eco.ECOAdamW(params, betas=(0.0, 0.99), mode="eco")
+    with pytest.raises(ValueError, match="momentum=1.0"):
+        eco.ECOSGD(params, lr=0.1, momentum=1.0)
+
+
+def test_zero_learning_rate_skips_the_injection():
+    model = tiny_model()
+    opt = eco.ECOAdamW(model.parameters(), lr=0.0, mode="eco", rounding="nearest")
+    train_steps(model, opt, 3, seed=0)
+    state = opt.state[model[1].weight]
+    assert torch.isfinite(state["exp_avg"]).all() and state["exp_avg"].abs().sum() > 0
