@@ -91,6 +91,14 @@ def eco_sgd_step(weight, grad, momentum_buffer, *, lr, momentum, weight_decay, q
 # -----------------------------------------------------------------------------
 # Optimizer classes: bookkeeping around the functions above
 
+def _triton_available():
+    try:
+        import triton  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
 def is_quantized(p):
     return getattr(p, "fmt", None) is not None
 
@@ -172,7 +180,7 @@ class ECOAdamW(_QuantizedOptimizer):
     'master', 'naive' or 'eco' (see the module docstring). rounding: 'stochastic' or 'nearest'."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 mode="eco", rounding="stochastic", seed=0):
+                 mode="eco", rounding="stochastic", seed=0, fused=None):
         self._check_hyper("lr", lr, 0.0, math.inf)
         self._check_hyper("beta1", betas[0], 0.0, 1.0, low_open=(mode == "eco"))  # eco divides by beta1
         self._check_hyper("beta2", betas[1], 0.0, 1.0)
@@ -180,6 +188,13 @@ class ECOAdamW(_QuantizedOptimizer):
         self._check_hyper("weight_decay", weight_decay, 0.0, math.inf)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, mode, rounding, seed)
+        # fused: the ECO step of row-scaled weights runs as one Triton kernel (kernels.py) on CUDA
+        on_cuda = all(p.is_cuda for p in self._params() if is_quantized(p)) and torch.cuda.is_available()
+        if fused is None:
+            fused = on_cuda and _triton_available()
+        if fused and not (on_cuda and _triton_available()):
+            raise ValueError("fused=True needs the quantized parameters on CUDA and triton installed; use fused=False")
+        self.fused = fused
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -188,34 +203,38 @@ class ECOAdamW(_QuantizedOptimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = {id(p): g for p, g in self._grads_or_raise()}
-        for group in self.param_groups:
+        for index, (group, p) in enumerate((g, p) for g in self.param_groups for p in g["params"]):
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if id(p) not in grads:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-                    state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-                    if is_quantized(p) and self.mode == "master":
-                        state["master"] = self._dequantized(p)  # starts at the stored weight
-                state["step"] += 1
-                hyper = dict(step=state["step"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                             weight_decay=group["weight_decay"])
-                args = (grads[id(p)], state["exp_avg"], state["exp_avg_sq"])
-                if not is_quantized(p):  # embeddings, norms, head: plain AdamW
-                    p.copy_(adamw_update(p, *args, **hyper)[0])
-                elif self.mode == "master":  # AdamW on the float32 master, stored weight = q(master)
-                    theta, _ = adamw_update(state["master"], *args, **hyper)
-                    state["master"].copy_(theta)
-                    self._store(p)(theta)
-                elif self.mode == "naive":  # AdamW on the stored weight; the rounding error is lost
-                    theta, _ = adamw_update(self._dequantized(p), *args, **hyper)
-                    self._store(p)(theta)
-                else:  # eco: as naive, and the rounding error is injected into exp_avg
-                    eco_adamw_step(self._dequantized(p), *args, **hyper, quantize=self._store(p))
+            if id(p) not in grads:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                if is_quantized(p) and self.mode == "master":
+                    state["master"] = self._dequantized(p)  # starts at the stored weight
+            state["step"] += 1
+            hyper = dict(step=state["step"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                         weight_decay=group["weight_decay"])
+            args = (grads[id(p)], state["exp_avg"], state["exp_avg_sq"])
+            if not is_quantized(p):  # embeddings, norms, head: plain AdamW
+                p.copy_(adamw_update(p, *args, **hyper)[0])
+            elif self.mode == "master":  # AdamW on the float32 master, stored weight = q(master)
+                theta, _ = adamw_update(state["master"], *args, **hyper)
+                state["master"].copy_(theta)
+                self._store(p)(theta)
+            elif self.mode == "naive":  # AdamW on the stored weight; the rounding error is lost
+                theta, _ = adamw_update(self._dequantized(p), *args, **hyper)
+                self._store(p)(theta)
+            elif self.fused and quant.FORMATS[p.fmt].per_row:  # eco, the same math as one GPU kernel
+                import kernels
+                kernels.eco_adamw_fused_(p, p.scale, *args, **hyper, fmt=p.fmt, rounding=self.rounding,
+                                         seed=(self.seed * 1_000_003 + state["step"] * 65_537 + index) % 2**31)
+            else:  # eco: as naive, and the rounding error is injected into exp_avg
+                eco_adamw_step(self._dequantized(p), *args, **hyper, quantize=self._store(p))
         return loss
+
 
 class ECOSGD(_QuantizedOptimizer):
     """SGD with EMA momentum (m = beta m + (1 - beta) g) for quantized weights, modes as ECOAdamW."""

@@ -84,9 +84,11 @@ def grid_step(y, f):
     """Spacing of the format's grid around each y: the distance from lo to hi."""
     if f.mantissa_bits is None:
         return torch.ones_like(y)  # integers
-    _, e = torch.frexp(y)  # |y| = m * 2^e with m in [0.5, 1), so floor(log2|y|) = e - 1
-    exponent = (e - 1).clamp_min(f.min_exponent)  # below the smallest normal the spacing stays fixed
-    return torch.ldexp(torch.ones_like(y), exponent - f.mantissa_bits)
+    # floor(log2|y|) is the float32 exponent field of y (bits 23-30) minus its bias 127; for float32
+    # zeros and subnormals it reads -127, and the clamp below covers them.
+    exponent = ((y.view(torch.int32) >> 23) & 0xFF) - 127
+    exponent = exponent.clamp_min(f.min_exponent)  # below the smallest normal the spacing stays fixed
+    return ((exponent - f.mantissa_bits + 127) << 23).view(torch.float32)  # 2^(exponent - mantissa_bits)
 
 
 def round_to_grid(y, f, rounding, generator=None):

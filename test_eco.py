@@ -6,6 +6,7 @@ Tests: each one states what it proves. All run on the CPU in a few minutes:
 The Triton kernel is tested through Triton's interpreter (TRITON_INTERPRET=1, set below before triton is
 imported); tests that need a GPU are skipped one by one when there is none.
 """
+import math
 import os
 
 import torch
@@ -373,3 +374,316 @@ def test_zero_learning_rate_skips_the_injection():
     train_steps(model, opt, 3, seed=0)
     state = opt.state[model[1].weight]
     assert torch.isfinite(state["exp_avg"]).all() and state["exp_avg"].abs().sum() > 0
+
+
+# -----------------------------------------------------------------------------
+# model.py, moe.py
+
+from model import GPT, GPTConfig  # noqa: E402
+from moe import MoE  # noqa: E402
+
+
+@pytest.mark.parametrize("mlp", ["dense", "moe"])
+def test_gpt_trains_with_quantized_block_linears(mlp):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, mlp=mlp, n_experts=4))
+    swapped = model.quantize_("fp8_e4m3")
+    assert swapped == 2 * (2 + 3)  # per block: qkv, proj + three MLP weights (Linears or expert banks)
+    assert type(model.head) is nn.Linear and type(model.embed) is nn.Embedding
+    if mlp == "moe":
+        assert type(model.blocks[0].mlp.router) is nn.Linear, "the router stays high precision"
+        assert model.blocks[0].mlp.gate.weight.shape == (4, model.cfg.hidden, 32)
+    idx = torch.randint(0, 50, (3, 16))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, 16, 50) and torch.isfinite(loss)
+    loss.backward()
+    for p in model.parameters():
+        assert (p.main_grad if eco.is_quantized(p) else p.grad) is not None
+    opt = eco.ECOAdamW(model.parameters(), lr=1e-2, mode="eco")
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = model(idx, idx)[1]
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+    assert model.generate(idx[:1, :4], 5).shape == (1, 9)
+
+
+def test_moe_matches_a_per_token_loop_and_routes_each_token_to_k_experts():
+    torch.manual_seed(0)
+    moe = MoE(n_embd=12, hidden=20, n_experts=5, top_k=2)
+    for w in (moe.gate, moe.up, moe.down):
+        nn.init.normal_(w.weight, std=0.2)
+    x = torch.randn(2, 7, 12)
+    out = moe(x)
+    experts, weights, _ = moe.route(x.view(-1, 12))
+    assert experts.shape == (14, 2) and (experts[:, 0] != experts[:, 1]).all()
+    assert torch.allclose(weights.sum(-1), torch.ones(14))
+    expected = torch.zeros(14, 12)
+    for n, token in enumerate(x.view(-1, 12)):  # the slow, obvious way
+        for e, p in zip(experts[n].tolist(), weights[n]):
+            h = nn.functional.silu(moe.gate.weight[e] @ token) * (moe.up.weight[e] @ token)
+            expected[n] += p * (moe.down.weight[e] @ h)
+    assert torch.allclose(out.view(-1, 12), expected, atol=1e-5)
+
+
+def test_moe_aux_loss_is_minimal_for_a_uniform_router():
+    moe = MoE(n_embd=8, hidden=16, n_experts=4, top_k=2)
+    x = torch.rand(64, 8)
+    nn.init.zeros_(moe.router.weight)
+    assert moe.route(x)[2].item() == pytest.approx(1.0)
+    with torch.no_grad():  # skewed: every token prefers experts 0 and 1
+        moe.router.weight.copy_(torch.tensor([[2.0] * 8, [1.0] * 8, [0.0] * 8, [0.0] * 8]))
+    assert moe.route(x)[2].item() > 1.5
+
+
+def test_moe_idle_expert_gets_zero_gradient_and_does_not_drift_apart():
+    torch.manual_seed(0)
+    moes = {}
+    for mode in eco.MODES:
+        torch.manual_seed(0)
+        moe = MoE(n_embd=8, hidden=16, n_experts=4, top_k=1)
+        for w in (moe.gate, moe.up, moe.down):
+            nn.init.normal_(w.weight, std=0.2)
+        with torch.no_grad():
+            moe.router.weight.copy_(torch.tensor([[1.0] * 8, [0.5] * 8, [0.2] * 8, [-5.0] * 8]))  # expert 3: never
+        quant.quantize_linears_(moe, "fp8_e4m3")
+        opt = eco.ECOAdamW(moe.parameters(), lr=1e-2, weight_decay=0.1, mode=mode, rounding="nearest")
+        for step in range(20):
+            x = torch.rand(2, 5, 8)  # positive inputs: expert 3's logit is always the lowest
+            opt.zero_grad()
+            moe(x).pow(2).sum().backward()
+            assert (moe.gate.weight.main_grad[3] == 0).all() and (moe.down.weight.main_grad[3] == 0).all()
+            assert moe.gate.weight.main_grad[0].abs().sum() > 0
+            opt.step()
+        moes[mode] = moe
+    idle = {mode: m.gate.dequantized_weight()[3] for mode, m in moes.items()}
+    grid = moes["master"].gate.scale[3] * 32  # FP8 spacing at the row's largest values (2^5 at 448)
+    assert ((idle["eco"] - idle["master"]).abs() <= grid).all()
+
+
+# -----------------------------------------------------------------------------
+# kernels.py, through Triton's interpreter on the CPU (compiled on a GPU when there is one)
+
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNEL_HYPER = dict(step=7, lr=2e-3, beta1=0.9, beta2=0.98, eps=1e-9, weight_decay=0.1)
+
+
+def kernel_inputs(shape, fmt, grad_dtype, seed=0):
+    """Random state plus the hard cases: an all-zero row, and a row whose values sit at +-max."""
+    kernels = pytest.importorskip("kernels")
+    codes, scale, grad, m, v = kernels.make_inputs(shape, fmt, KERNEL_DEVICE, grad_dtype, seed)
+    rows = codes.view(-1, shape[-1])
+    grad.view(-1, shape[-1])[0] = 0
+    m.view(-1, shape[-1])[0] = 0
+    rows[0] = 0  # row 0: all zero, and stays zero
+    rows[1, ::2] = quant.FORMATS[fmt].max  # row 1: half its entries at +max ...
+    rows[1, 1::2] = -quant.FORMATS[fmt].max  # ... and half at -max
+    return [codes, scale, grad, m, v]
+
+
+def reference_theta(codes, scale, grad, m, v, fmt):
+    """The AdamW part alone, on copies: theta, denom and the moments before the injection."""
+    m, v = m.clone(), v.clone()
+    theta, denom = eco.adamw_update(quant.dequantize(codes, scale, fmt), grad, m, v, **KERNEL_HYPER)
+    return theta, denom, m, v
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("shape,grad_dtype", [((6, 37), torch.float32), ((3, 4, 300), torch.bfloat16),
+                                              ((5, 1000), torch.float32)])
+def test_fused_kernel_round_to_nearest_equals_the_reference(fmt, shape, grad_dtype):
+    kernels = pytest.importorskip("kernels")
+    a = kernel_inputs(shape, fmt, grad_dtype)
+    b = [t.clone() for t in a]
+    theta, denom, _, _ = reference_theta(*a, fmt)
+    kernels.eco_adamw_fused_(*a, fmt=fmt, **KERNEL_HYPER, rounding="nearest", seed=0)
+    kernels.reference_step_(*b, fmt=fmt, **KERNEL_HYPER)
+    assert torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8)), "codes must be identical"
+    assert torch.equal(a[1], b[1]), "scales must be identical"
+    assert torch.allclose(a[4], b[4], rtol=1e-6, atol=0)
+    # exp_avg: float32 rounding, where a rounding of theta (an ulp) reaches it through alpha * e * denom
+    alpha = (1 - 2e-3 * 0.1) * ((1 - 0.9 ** 7) / 2e-3) * (1 - 1 / 0.9)
+    tol = 4 * torch.finfo(torch.float32).eps * (theta.abs() * abs(alpha) * denom + b[3].abs())
+    assert ((a[3] - b[3]).abs() <= tol).all()
+    assert (a[0].view(-1, shape[-1])[0].float() == 0).all()
+    if fmt == "fp8_e4m3":  # the interpreter's float8 cast trap: rounding that carries into the next binade
+        y = (theta / b[1]).abs()
+        carried = quant.round_to_grid(y, quant.FORMATS[fmt], "nearest") >= 2 ** torch.floor(torch.log2(y)) * 2
+        assert carried.sum() > 0, "the test must exercise carries into the exponent"
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+def test_fused_kernel_stochastic_rounding(fmt):
+    """Only the two neighbours of theta / scale; unbiased over seeds; the injected error matches the codes."""
+    kernels = pytest.importorskip("kernels")
+    f = quant.FORMATS[fmt]
+    inputs = kernel_inputs((4, 50), fmt, torch.float32)
+    theta, denom, m_adam, v_adam = reference_theta(*inputs, fmt)
+    scale = quant.compute_scale(theta, f)
+    y = (theta / scale).clamp(-f.max, f.max)
+    step = quant.grid_step(y, f)
+    lo, hi = torch.floor(y / step) * step, torch.ceil(y / step) * step
+    runs = []
+    for seed in range(300):
+        a = [t.clone() for t in inputs]
+        kernels.eco_adamw_fused_(*a, fmt=fmt, **KERNEL_HYPER, rounding="stochastic", seed=seed)
+        codes = a[0].float()
+        assert torch.equal(a[1], scale)
+        assert ((codes == lo) | (codes == hi)).all()
+        error = theta - codes * scale
+        alpha = (1 - 2e-3 * 0.1) * ((1 - 0.9 ** 7) / 2e-3) * (1 - 1 / 0.9)
+        assert torch.allclose(a[3], m_adam + alpha * error * denom, rtol=1e-5, atol=1e-9)
+        assert torch.allclose(a[4], v_adam, rtol=1e-6, atol=0)
+        runs.append(codes)
+    runs = torch.stack(runs)
+    p = torch.where(hi > lo, (y - lo) / (hi - lo), torch.zeros_like(y))
+    sd = (hi - lo) * torch.sqrt(p * (1 - p) / len(runs))
+    assert ((runs.mean(0) - y).abs() <= 5 * sd + 1e-6 * (hi - lo + y.abs())).all()
+    assert (runs.std(0)[hi > lo]).mean() > 0, "different seeds round differently"
+
+
+def test_fused_kernel_same_seed_same_result():
+    kernels = pytest.importorskip("kernels")
+    inputs = kernel_inputs((8, 64), "fp8_e4m3", torch.float32)
+    outs = []
+    for seed in (3, 3, 4):
+        a = [t.clone() for t in inputs]
+        kernels.eco_adamw_fused_(*a, fmt="fp8_e4m3", **KERNEL_HYPER, rounding="stochastic", seed=seed)
+        outs.append(a)
+    assert all(torch.equal(x.float(), y.float()) for x, y in zip(outs[0], outs[1]))
+    assert not torch.equal(outs[0][0].float(), outs[2][0].float())
+
+
+def test_fused_kernel_rejects_what_it_cannot_do():
+    kernels = pytest.importorskip("kernels")
+    a = kernel_inputs((4, 16), "int8", torch.float32)
+    codes4, scale4 = quant.quantize(torch.randn(4, 16, device=KERNEL_DEVICE), "int4")
+    with pytest.raises(ValueError, match="int4.*row-wise.*fp8_e4m3"):
+        kernels.eco_adamw_fused_(codes4, scale4, *a[2:], fmt="int4", **KERNEL_HYPER, rounding="nearest", seed=0)
+    with pytest.raises(ValueError, match="'up'.*accepted"):
+        kernels.eco_adamw_fused_(*a, fmt="int8", **KERNEL_HYPER, rounding="up", seed=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="fused=True needs"):
+            eco.ECOAdamW(tiny_model().parameters(), fused=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_ecoadamw_fused_and_reference_paths_agree_on_gpu():
+    runs = {}
+    for fused in (True, False):
+        model = tiny_model().cuda()
+        opt = eco.ECOAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, mode="eco", rounding="nearest", fused=fused)
+        assert opt.fused == fused
+        g = torch.Generator().manual_seed(0)
+        for _ in range(5):
+            idx = torch.randint(0, 16, (8,), generator=g).cuda()
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(idx), (idx + 1) % 16).backward()
+            opt.step()
+        runs[fused] = model[1].weight.float()
+    assert (runs[True] == runs[False]).float().mean() > 0.999
+
+
+# -----------------------------------------------------------------------------
+# data/prepare.py and train.py, through their real entry points, on a small local text
+
+import sys  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+import prepare  # noqa: E402
+import train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    text = "".join(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)).read()
+                   for name in ("eco.py", "quant.py", "model.py"))
+    (root / "input.txt").write_text(text)
+    prepare.prepare(str(root / "tiny"), str(root / "input.txt"), vocab_size=300)
+    return root / "tiny", text
+
+
+def test_prepare_works_offline_on_a_local_file_and_detects_partial_output(small_data):
+    out, text = small_data
+    meta = json_load(out / "meta.json")
+    assert meta["vocab_size"] == 301 and meta["bpe_size"] == 300
+    enc = prepare.load_tokenizer(str(out / "tokenizer.tiktoken"))
+    assert enc.decode(enc.encode_ordinary(text[:2000])) == text[:2000]
+    train_ids = __import__("numpy").memmap(out / "train.bin", dtype="uint16", mode="r")
+    assert len(train_ids) == meta["tokens"]["train"] and int(train_ids.max()) < 300
+    assert len(enc.encode_ordinary(text[:2000])) < 0.8 * 2000, "44 merges already compress the text"
+    assert prepare.is_complete(str(out))
+    broken = out.parent / "broken"
+    broken.mkdir()
+    for name in ("meta.json", "tokenizer.tiktoken", "val.bin"):
+        (broken / name).write_bytes((out / name).read_bytes())
+    (broken / "train.bin").write_bytes((out / "train.bin").read_bytes()[:100])  # a write cut short
+    assert not prepare.is_complete(str(broken))
+
+
+def json_load(path):
+    import json
+    return json.load(open(path))
+
+
+def tiny_train_args(data_dir, out_dir, *extra):
+    return [f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--n_layer=1", "--n_head=2", "--n_embd=32",
+            "--block_size=16", "--batch_size=4", "--max_steps=6", "--eval_interval=3", "--eval_batches=2",
+            "--log_interval=3", "--sample_tokens=4", *extra]
+
+
+def test_train_runs_every_method_and_writes_results(small_data, tmp_path):
+    results = train.main(tiny_train_args(small_data[0], tmp_path))
+    saved = json_load(tmp_path / "results.json")
+    names = ["fp32", "fp8_master_rtn", "fp8_naive_rtn", "fp8_naive_sr", "fp8_eco_rtn", "fp8_eco_sr"]
+    assert list(saved["methods"]) == names == list(results)
+    for name in names:
+        r = saved["methods"][name]
+        assert math.isfinite(r["val_loss"]) and r["tokens_per_s"] > 0 and [s for s, _ in r["curve"]] == [3, 6]
+    assert saved["methods"]["fp32"]["bytes_per_param"] == 12.0  # weights 4 + AdamW moments 8
+    assert saved["methods"]["fp8_eco_sr"]["bytes_per_quantized_param"] < 9.2  # codes 1 + moments 8 + a scale per row of 32
+    assert saved["methods"]["fp8_master_rtn"]["bytes_per_quantized_param"] > 13.0  # + a float32 master
+
+
+@pytest.mark.parametrize("extra", [["--model=moe", "--methods=eco_sr"], ["--fmt=int4", "--methods=master_rtn,eco_rtn"]])
+def test_train_moe_and_int4_variants(small_data, tmp_path, extra):
+    results = train.main(tiny_train_args(small_data[0], tmp_path, *extra))
+    assert all(math.isfinite(r["val_loss"]) for r in results.values())
+
+
+def test_train_resume_continues_identically(small_data, tmp_path):
+    args = tiny_train_args(small_data[0], tmp_path, "--methods=eco_sr,master_rtn", "--save_checkpoint=True")
+    straight = train.main(args)
+    train.main(args + ["--stop_at=3"])
+    resumed = train.main(args + ["--resume=True"])
+    for name in straight:
+        assert resumed[name]["curve"] == straight[name]["curve"]
+
+
+def test_train_finetunes_from_a_full_precision_checkpoint(small_data, tmp_path):
+    train.main(tiny_train_args(small_data[0], tmp_path / "pre", "--methods=fp32", "--save_checkpoint=True"))
+    ckpt = tmp_path / "pre" / "ckpt_fp32.pt"
+    results = train.main(tiny_train_args(small_data[0], tmp_path / "ft", "--fmt=int4", "--methods=eco_sr",
+                                         f"--init_from={ckpt}", "--n_embd=64"))  # architecture comes from ckpt
+    assert math.isfinite(results["int4_eco_sr"]["val_loss"])
+    with pytest.raises(ValueError, match="full-precision"):
+        train.main(tiny_train_args(small_data[0], tmp_path / "ft2", "--methods=eco_sr", "--save_checkpoint=True"))
+        train.main(tiny_train_args(small_data[0], tmp_path / "ft3", f"--init_from={tmp_path / 'ft2' / 'ckpt_fp8_eco_sr.pt'}"))
+
+
+def test_train_rejects_bad_options():
+    with pytest.raises(ValueError, match="unknown option --learning_rate; valid: .*--lr"):
+        train.parse_args(["--learning_rate=1"])
+    with pytest.raises(ValueError, match="--max_steps=ten: expected int"):
+        train.parse_args(["--max_steps=ten"])
+    with pytest.raises(ValueError, match="unknown \\['eco_fp4'\\]; accepted: fp32,master_rtn"):
+        train.parse_args(["--methods=eco_fp4"])
+    with pytest.raises(ValueError, match="'fp4'.*accepted"):
+        train.parse_args(["--fmt=fp4"])
+    with pytest.raises(ValueError, match="unknown preset 'tpu'"):
+        train.parse_args(["--preset=tpu"])
+    assert train.parse_args(["--preset=gpu", "--n_layer=2"])["n_layer"] == 2
