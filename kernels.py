@@ -17,12 +17,13 @@ So at equal bandwidth the fused ECO step should take about 22/28 = 0.79 of AdamW
 
 The kernel follows eco.adamw_update / eco.eco_adamw_step / quant.round_to_grid line by line, with the
 same names. Two details make it agree with the PyTorch reference exactly:
-  * PyTorch's CPU lerp_ and addcmul_ are fused multiply-adds; we write the same tl.fma, use IEEE
-    division and sqrt (div_rn, sqrt_rn), and compile without FMA contraction elsewhere.
+  * PyTorch's lerp_ and addcmul_ are fused multiply-adds; we write the same tl.fma, use IEEE division
+    and sqrt (div_rn, sqrt_rn), and compile without FMA contraction elsewhere. addcdiv_ rounds
+    differently on CPU and CUDA, so the kernel takes the form of the device it runs for.
   * All rounding is done in float32 arithmetic, and only values already on the FP8 grid are cast to
     float8. (Triton's interpreter, which CI uses, rounds casts to float8e4nv wrongly when the rounding
     carries into the exponent: 0.4856 became 0.25 instead of 0.5.)
-Stochastic rounding draws 24-bit uniforms from Philox (tl.randint) keyed by (seed, element index);
+Stochastic rounding draws 24-bit uniforms from Philox (tl.randint4x: four per call) keyed by (seed, element);
 ECOAdamW derives a fresh seed from (its seed, step, tensor) so runs are reproducible.
 
 Run `python kernels.py`: on a GPU, a correctness check and a benchmark (time per step and bandwidth
@@ -50,7 +51,8 @@ MAX_ROW = 16384  # longest row one program handles (rows are kept whole in regis
 def _eco_adamw_kernel(codes_ptr, scale_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, n_cols,
                       lr, beta1, beta2, eps, weight_decay, bc1, bc2, alpha, seed,
                       RHO: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr,
-                      IS_FLOAT: tl.constexpr, STOCHASTIC: tl.constexpr, INJECT: tl.constexpr, BLOCK: tl.constexpr):
+                      IS_FLOAT: tl.constexpr, STOCHASTIC: tl.constexpr, INJECT: tl.constexpr, CUDA_ADDCDIV: tl.constexpr,
+                      BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -66,7 +68,10 @@ def _eco_adamw_kernel(codes_ptr, scale_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_pt
     exp_avg = tl.fma(1 - beta1, grad - exp_avg, exp_avg)  # exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq = tl.fma((1 - beta2) * grad, grad, exp_avg_sq * beta2)  # .mul_(beta2).addcmul_(grad, grad, 1 - beta2)
     denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), tl.sqrt_rn(bc2)) + eps
-    theta = theta + tl.div_rn((-lr / bc1) * exp_avg, denom)  # theta.addcdiv_(exp_avg, denom, value=-lr / bc1)
+    if CUDA_ADDCDIV:  # theta.addcdiv_(exp_avg, denom, value=-lr / bc1); PyTorch's CUDA kernel: fma(value, t1/t2, self)
+        theta = tl.fma(-lr / bc1, tl.div_rn(exp_avg, denom), theta)
+    else:  # ... and its CPU kernel: self + (value * t1) / t2
+        theta = theta + tl.div_rn((-lr / bc1) * exp_avg, denom)
 
     # quant.quantize: a new scale from this row's absmax, then onto the grid
     amax = tl.max(tl.where(mask, tl.abs(theta), 0.0), axis=0)
@@ -82,7 +87,10 @@ def _eco_adamw_kernel(codes_ptr, scale_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_pt
     t = y / step  # exact: step is a power of two
     lo = tl.floor(t)
     if STOCHASTIC:
-        u = (tl.randint(seed, offs.to(tl.int32)) >> 8).to(tl.float32) * (1.0 / 16777216.0)  # 24-bit uniform in [0, 1)
+        # One Philox call gives four 32-bit numbers: draw BLOCK/4 of them and lay the four out in column order.
+        r0, r1, r2, r3 = tl.randint4x(seed, row * (BLOCK // 4) + tl.arange(0, BLOCK // 4))
+        bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK])  # element 4i+j comes from r_j[i]
+        u = (bits >> 8).to(tl.float32) * (1.0 / 16777216.0)  # 24-bit uniform in [0, 1), like torch.rand
         k = lo + (u < t - lo).to(tl.float32)
     else:  # nearest, ties to even (torch.round)
         frac = t - lo
@@ -124,11 +132,12 @@ def eco_adamw_fused_(codes, scale, grad, exp_avg, exp_avg_sq, *, fmt, step, lr, 
     n_rows = codes.numel() // n_cols  # [E, out, in] expert banks count as E*out rows
     bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
     alpha = (1 - lr * weight_decay) * (bc1 / lr) * (1 - 1 / beta1) if lr > 0 else 0.0
-    BLOCK = triton.next_power_of_2(n_cols)
+    BLOCK = max(4, triton.next_power_of_2(n_cols))
     _eco_adamw_kernel[(n_rows,)](
         codes, scale, grad, exp_avg, exp_avg_sq, n_cols, lr, beta1, beta2, eps, weight_decay, bc1, bc2, alpha,
         seed, RHO=f.max, MANTISSA_BITS=f.mantissa_bits or 0, MIN_EXPONENT=f.min_exponent or 0,
-        IS_FLOAT=f.mantissa_bits is not None, STOCHASTIC=rounding == "stochastic", INJECT=lr > 0, BLOCK=BLOCK,
+        IS_FLOAT=f.mantissa_bits is not None, STOCHASTIC=rounding == "stochastic", INJECT=lr > 0,
+        CUDA_ADDCDIV=codes.is_cuda, BLOCK=BLOCK,
         num_warps=min(16, max(1, BLOCK // 256)), enable_fp_fusion=False)
 
 

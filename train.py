@@ -49,7 +49,7 @@ n_experts = 8  # moe
 top_k = 2  # moe
 # optimisation: the paper's AdamW settings, scaled down
 batch_size = 16
-max_steps = 500
+max_steps = 400
 lr = 3e-3  # peak learning rate
 warmup_frac = 0.1  # warm up over the first 10% of steps ...
 warmup_start = 0.01  # ... from 0.01 x peak ...
