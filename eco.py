@@ -172,7 +172,7 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
         for index, saved in state_dict["state"].items():
             p = params[index]
             self.state[p] = {k: v.to(p.device, copy=True) if torch.is_tensor(v) else v for k, v in saved.items()}
-        self.generator.set_state(generator_state)
+        self.generator.set_state(generator_state.cpu())  # a checkpoint loaded with map_location="cuda" moved it
 
 
 class ECOAdamW(_QuantizedOptimizer):

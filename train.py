@@ -73,7 +73,7 @@ compile = False  # torch.compile the model (opt-in)
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 
 PRESETS = {  # applied before the command line, so explicit overrides still win
-    "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, batch_size=32, max_steps=4000, lr=1.5e-3,
+    "gpu": dict(n_layer=8, n_head=8, n_embd=576, block_size=512, batch_size=32, max_steps=4000, lr=1.5e-3,
                 eval_interval=250, eval_batches=40, log_interval=50),
 }
 ALL_METHODS = {  # short name -> (optimizer mode, rounding); fp32 trains without quantization
