@@ -215,7 +215,7 @@ def main(argv=None):
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
             start, curve, train_time = ckpt["step"], ckpt["curve"], ckpt["train_time"]
-        end = c["stop_at"] or c["max_steps"]
+        end, done = c["stop_at"] or c["max_steps"], start
         print(f"\n{name}: mode={mode or 'plain AdamW, no quantization'} rounding={rounding or '-'}")
 
         # ---------------------------------------------------------------------
@@ -246,8 +246,8 @@ def main(argv=None):
             train_time += time.perf_counter() - t0  # the clock runs only for training steps
             done = step + 1
             if done % c["log_interval"] == 0 or done == end:
-                tok_s = (done - start) * c["batch_size"] * c["block_size"] / max(train_time, 1e-9)
-                eta = (end - done) * train_time / max(done - start, 1)
+                tok_s = done * c["batch_size"] * c["block_size"] / max(train_time, 1e-9)  # train_time spans resumes
+                eta = (end - done) * train_time / done
                 print(f"{name} step {done}/{end} | loss {loss_value:.4f} | lr {get_lr(step, c):.2e} | "
                       f"{tok_s:,.0f} tok/s | ETA {eta:.0f}s")
             if done % c["eval_interval"] == 0 or done == end:
@@ -267,7 +267,7 @@ def main(argv=None):
             bytes_per_quantized_param=(mem["q_weights"] + mem["q_state"]) / max(mem["q_params"], 1),
             bytes_per_other_param=(mem["other_weights"] + mem["other_state"]) / max(mem["other_params"], 1),
             quantized_params=mem["q_params"], other_params=mem["other_params"],
-            tokens_per_s=(len(curve) and (curve[-1][0] - start) * c["batch_size"] * c["block_size"] / max(train_time, 1e-9)),
+            tokens_per_s=done * c["batch_size"] * c["block_size"] / max(train_time, 1e-9),
             curve=curve)
         if c["sample_tokens"] and not diverged:
             enc = load_tokenizer(os.path.join(c["data_dir"], meta["tokenizer"]))
