@@ -91,14 +91,6 @@ def eco_sgd_step(weight, grad, momentum_buffer, *, lr, momentum, weight_decay, q
 # -----------------------------------------------------------------------------
 # Optimizer classes: bookkeeping around the functions above
 
-def _triton_available():
-    try:
-        import triton  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
 def is_quantized(p):
     return getattr(p, "fmt", None) is not None
 
@@ -132,7 +124,7 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
 
     def _grads_or_raise(self):
         """Collect (param, grad) pairs and refuse NaN/Inf before any weight or state is touched."""
-        pairs = [(p, grad_of(p)) for p in self._params() if grad_of(p) is not None]
+        pairs = [(p, g) for p in self._params() if (g := grad_of(p)) is not None]
         if pairs and not torch.stack([torch.isfinite(g).all() for _, g in pairs]).all():
             bad = [tuple(p.shape) for p, g in pairs if not torch.isfinite(g).all()]
             raise quant.NonFiniteError(f"non-finite gradient in parameters of shapes {bad}; nothing was updated")
@@ -189,12 +181,16 @@ class ECOAdamW(_QuantizedOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, mode, rounding, seed)
         # fused: the ECO step of row-scaled weights runs as one Triton kernel (kernels.py) on CUDA
-        on_cuda = all(p.is_cuda for p in self._params() if is_quantized(p)) and torch.cuda.is_available()
-        if fused is None:
-            fused = on_cuda and _triton_available()
-        if fused and not (on_cuda and _triton_available()):
+        self.fused_step = None
+        if fused is not False and torch.cuda.is_available() and all(p.is_cuda for p in self._params() if is_quantized(p)):
+            try:
+                import kernels  # imports triton
+                self.fused_step = kernels.eco_adamw_fused_
+            except ImportError:
+                pass
+        if fused and self.fused_step is None:
             raise ValueError("fused=True needs the quantized parameters on CUDA and triton installed; use fused=False")
-        self.fused = fused
+        self.fused = self.fused_step is not None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -228,9 +224,8 @@ class ECOAdamW(_QuantizedOptimizer):
                 theta, _ = adamw_update(self._dequantized(p), *args, **hyper)
                 self._store(p)(theta)
             elif self.fused and quant.FORMATS[p.fmt].per_row:  # eco, the same math as one GPU kernel
-                import kernels
-                kernels.eco_adamw_fused_(p, p.scale, *args, **hyper, fmt=p.fmt, rounding=self.rounding,
-                                         seed=(self.seed * 1_000_003 + state["step"] * 65_537 + index) % 2**31)
+                self.fused_step(p, p.scale, *args, **hyper, fmt=p.fmt, rounding=self.rounding,
+                                seed=(self.seed * 1_000_003 + state["step"] * 65_537 + index) % 2**31)
             else:  # eco: as naive, and the rounding error is injected into exp_avg
                 eco_adamw_step(self._dequantized(p), *args, **hyper, quantize=self._store(p))
         return loss

@@ -112,11 +112,14 @@ def compute_scale(x, f):
     return (amax / f.max).clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def quantize(x, fmt, rounding="nearest", generator=None):
-    """x (any float dtype) -> (codes in the format's storage dtype, float32 scale broadcastable to codes)."""
+def quantize(x, fmt, rounding="nearest", generator=None, check=True):
+    """x (any float dtype) -> (codes in the format's storage dtype, float32 scale broadcastable to codes).
+    check=False skips the NaN/Inf test, which costs a device-to-host sync on a GPU: only for activations,
+    where a NaN reaches the loss (and train.py stops) before it could reach a stored weight."""
     f = get_format(fmt)
     check_rounding(rounding)
-    check_finite(x, "quantize input")
+    if check:
+        check_finite(x, "quantize input")
     x = x.float()
     scale = compute_scale(x, f)
     codes = round_to_grid(x / scale, f, rounding, generator).to(f.dtype)  # the grid value is exact in f.dtype
@@ -136,7 +139,7 @@ def quantize_dequantize(x, fmt, rounding="nearest", generator=None):
 def quantize_activations(x, fmt="fp8_e4m3"):
     """Row-wise (per token) round-to-nearest in the forward pass; identity in the backward (straight-through).
     (x - x.detach()) is exactly zero, so the value is exactly the grid value and the gradient is exactly dy."""
-    return quantize_dequantize(x.detach(), fmt) + (x - x.detach())
+    return dequantize(*quantize(x.detach(), fmt, check=False), fmt) + (x - x.detach())
 
 
 # -----------------------------------------------------------------------------

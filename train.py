@@ -148,6 +148,10 @@ def memory_bytes(model, opt):
     return parts
 
 
+def weights_hash(state_dict):
+    return hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in state_dict.values())).hexdigest()
+
+
 @torch.no_grad()
 def evaluate(model, val_data, c, dev):
     model.eval()
@@ -183,7 +187,7 @@ def main(argv=None):
     torch.manual_seed(c["seed"])
     if init_state is None:
         init_state = GPT(cfg).state_dict()
-    init_hash = hashlib.sha256(b"".join(t.numpy().tobytes() for t in init_state.values())).hexdigest()
+    init_hash = weights_hash(init_state)
     names = [m for m in c["methods"].split(",") if m]
     print(f"device {dev} | {GPT(cfg).num_params():,} non-embedding parameters | {c['max_steps']} steps of "
           f"{c['batch_size'] * c['block_size']:,} tokens | methods {', '.join(names)}")
@@ -197,7 +201,7 @@ def main(argv=None):
         torch.manual_seed(c["seed"])
         model = GPT(cfg)
         model.load_state_dict(init_state)
-        assert hashlib.sha256(b"".join(t.numpy().tobytes() for t in model.state_dict().values())).hexdigest() == init_hash
+        assert weights_hash(model.state_dict()) == init_hash  # every method starts from the same weights
         if mode is not None:
             model.quantize_(c["fmt"])
         model.to(dev)
