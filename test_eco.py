@@ -674,6 +674,7 @@ def test_train_finetunes_from_a_full_precision_checkpoint(small_data, tmp_path):
     results = train.main(tiny_train_args(small_data[0], tmp_path / "ft", "--fmt=int4", "--methods=eco_sr",
                                          f"--init_from={ckpt}", "--n_embd=64"))  # architecture comes from ckpt
     assert math.isfinite(results["int4_eco_sr"]["val_loss"])
+    assert [s for s, _ in results["int4_eco_sr"]["curve"]] == [0, 3, 6], "fine-tuning logs the quantized start"
     train.main(tiny_train_args(small_data[0], tmp_path / "ft2", "--methods=eco_sr", "--save_checkpoint=True"))
     with pytest.raises(ValueError, match="full-precision"):  # an FP8 checkpoint is not a starting point
         train.main(tiny_train_args(small_data[0], tmp_path / "ft3", f"--init_from={tmp_path / 'ft2' / 'ckpt_fp8_eco_sr.pt'}"))

@@ -221,6 +221,9 @@ def main(argv=None):
             start, curve, train_time = ckpt["step"], ckpt["curve"], ckpt["train_time"]
         end, done = c["stop_at"] or c["max_steps"], start
         print(f"\n{name}: mode={mode or 'plain AdamW, no quantization'} rounding={rounding or '-'}")
+        if c["init_from"] and start == 0:  # fine-tuning: the loss of the freshly quantized checkpoint
+            curve.append([0, evaluate(forward, val_data, c, dev)])
+            print(f"{name} step 0: val loss {curve[-1][1]:.4f}")
 
         # ---------------------------------------------------------------------
         # Training loop
