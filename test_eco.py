@@ -651,6 +651,16 @@ def test_train_runs_every_method_and_writes_results(small_data, tmp_path):
     assert saved["methods"]["fp32"]["bytes_per_param"] == 12.0  # weights 4 + AdamW moments 8
     assert saved["methods"]["fp8_eco_sr"]["bytes_per_quantized_param"] < 9.2  # codes 1 + moments 8 + a scale per row of 32
     assert saved["methods"]["fp8_master_rtn"]["bytes_per_quantized_param"] > 13.0  # + a float32 master
+    assert saved["methods"]["fp32"]["moved"] is None and saved["methods"]["fp32"]["moved_curve"] == []
+    for name in names[1:]:  # the fraction of codes that changed per step, per evaluation interval
+        assert [s for s, _ in saved["methods"][name]["moved_curve"]] == [3, 6]
+        assert 0 < saved["methods"][name]["moved"] <= 1
+
+
+def test_train_counts_no_moved_codes_when_nothing_is_learned(small_data, tmp_path):
+    # lr = 0: theta is exactly the stored grid value, so every rounding gives back the same code
+    results = train.main(tiny_train_args(small_data[0], tmp_path, "--lr=0", "--methods=naive_rtn,eco_sr,master_rtn"))
+    assert [r["moved"] for r in results.values()] == [0.0, 0.0, 0.0]
 
 
 @pytest.mark.parametrize("extra", [["--model=moe", "--methods=eco_sr"], ["--fmt=int4", "--methods=master_rtn,eco_rtn"]])
