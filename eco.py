@@ -9,19 +9,37 @@ ECO drops the master but keeps the rounding error, in the optimizer's momentum. 
     theta = AdamW step on the dequantized weight, in float32       (transient, never stored)
     w'    = q(theta)                                               (the new stored weight)
     e     = theta - w'                                             (what rounding just lost)
-    m    <- m + (1 - lr*wd) * (bc1 / lr) * (1 - 1/beta1) * (sqrt(v / bc2) + eps) * e      (v unchanged)
+    m    <- m + alpha * (sqrt(v / bc2) + eps) * e                   (v unchanged)
+    alpha = (1 - lr*wd) * (bc1 / lr) * (1 - 1/beta1)                (negative)
 
 Why that coefficient: momentum injected now reaches the weights over all later steps, beta1 + beta1^2
 + ... = beta1 / (1 - beta1) times Adam's per-element step size lr / (bc1 * (sqrt(v/bc2) + eps)).
 Choosing the injection so that this sum equals e puts the lost error back into the weights later.
-The coefficient is negative (1 - 1/beta1 < 0): if no weight moved, e = -(step) and the momentum stops
-decaying, so sub-step updates pile up until they cross a grid point. The factor (1 - lr*wd) comes from
-decoupled weight decay shrinking the weights each step (the paper omits it; at its settings it is
-within 1.2e-4 of 1). With lr = 0 (end of a schedule) there is nothing to compensate and we skip it.
+If no weight moved, e = -(step) and the momentum stops decaying, so sub-step updates pile up until they
+cross a grid point. The factor (1 - lr*wd) comes from decoupled weight decay shrinking the weights each
+step (the paper omits it; at its settings it is within 1.2e-4 of 1). With lr = 0 (end of a schedule)
+there is nothing to compensate and the injection is skipped.
 
 For SGD with EMA momentum (the form the paper's theory is about) the same rule reads
     m~ = beta m + (1 - beta) g,  theta = (1 - lr*wd) w - lr m~,  w' = q(theta),
     m' = m~ + (1 - lr*wd) (1/lr) (1 - 1/beta) e.
+
+Under a learning-rate schedule (beyond the paper; injection="next_lr"). Write lr_t for step t's lr and
+let master-weight SGDM produce theta_t from m_t. Stored weights w_t = theta_t - e_t follow the master
+exactly if the momentum carries the error in the form the NEXT step will apply it:
+    m_t = m_master_t - (1 - lr_{t+1} wd) e_t / (lr_{t+1} beta)
+(step t+1 computes (1 - lr_{t+1} wd) w_t - lr_{t+1} beta m_t + ..., and the two error terms cancel).
+Since m~_t = beta m_{t-1} + (1 - beta) g_t already carries -(1 - lr_t wd) e_{t-1} / lr_t, the exact
+update is the two-term rule (the paper's appendix, with a schedule)
+    m_t = m~_t + (1 - lr_t wd) e_{t-1} / lr_t - (1 - lr_{t+1} wd) e_t / (lr_{t+1} beta),
+which needs e_{t-1} stored. Taking e_{t-1} ~ e_t, as the paper does, leaves one coefficient:
+    c_t = (1 - lr_t wd) / lr_t - (1 - lr_{t+1} wd) / (lr_{t+1} beta).
+With lr_{t+1} = lr_t this is the paper's (1 - lr wd)(1/lr)(1 - 1/beta). During a warm-up lr_{t+1} > lr_t
+and the paper's rule injects too much; during a decay, too little. For AdamW, lr is replaced by the
+per-element step size lr_t / (bc1_t d_t), d_t = sqrt(v_t/bc2_t) + eps, taking d_{t+1} ~ d_t:
+    alpha_t = (1 - lr_t wd) bc1_t / lr_t - (1 - lr_{t+1} wd) bc1_{t+1} / (lr_{t+1} beta1).
+The training loop passes lr_{t+1} in each param group's "next_lr". injection_coefficient() below is
+the one place either rule is written; the reference, the fused kernel and the tests all call it.
 
 Three modes, one optimizer class each for AdamW and SGD:
     master  float32 master copy in the optimizer state; AdamW updates it; the stored weight is q(master)
@@ -29,9 +47,22 @@ Three modes, one optimizer class each for AdamW and SGD:
     eco     no master: as naive, plus the one injection line above
 Parameters that are not quantized (embeddings, norms, LM head) get plain AdamW / SGD in every mode.
 
+Compressed moments (beyond the paper, which keeps m and v in float32: 8 of ECO's 9 bytes per weight).
+ECOAdamW(moments=...) stores them between steps as
+    fp32  float32 (the paper; 8 bytes per parameter)
+    bf16  bfloat16, written back with stochastic rounding (4 bytes)
+    fp8   FP8 E4M3 codes with one float32 scale per block of 128 values of a row; v is stored as sqrt(v),
+          which halves the range of exponents 8 bits must cover (about 2.06 bytes with the scales)
+Each step loads them to float32, runs the unchanged float32 math above (injection included) and stores
+them back. Round-to-nearest would be wrong there: an EMA moves by (1 - beta) of the gap each step, and a
+change smaller than half a storage step would be rounded away every time; the moment would freeze, which
+is naive RTN's stall again, one level down. Stochastic rounding keeps every update in expectation.
+Tensors with fewer than 4096 elements (norm gains) keep float32 moments, as 8-bit optimizers do.
+
 eco_adamw_step is the math for one tensor (and the oracle for kernels.py); ECOAdamW is bookkeeping
-around it. Test: python -m pytest -q test_eco.py
+around it. `python eco.py` shows the theory on a quadratic. Test: python -m pytest -q test_eco.py
 """
+import functools
 import math
 
 import torch
@@ -39,10 +70,23 @@ import torch
 import quant
 
 MODES = ("master", "naive", "eco")
+INJECTIONS = ("paper", "next_lr")
+MOMENTS = ("fp32", "bf16", "fp8")
 
 
 # -----------------------------------------------------------------------------
 # The math, as pure functions of tensors
+
+def injection_coefficient(lr, weight_decay, beta, bc=1.0, next_lr=None, next_bc=None):
+    """alpha in m <- m + alpha * (step-size denominator) * e; 0.0 means: skip the injection.
+    bc is Adam's bias correction 1 - beta1^t (1 for SGD). The paper's rule when next_lr is None; the
+    next-step rule (module docstring) otherwise, with next_bc = 1 - beta1^(t+1)."""
+    if lr == 0 or next_lr == 0:  # nothing was stepped, or nothing will be: nothing to compensate
+        return 0.0
+    if next_lr is None:
+        return (1 - lr * weight_decay) * (bc / lr) * (1 - 1 / beta)  # negative
+    return (1 - lr * weight_decay) * bc / lr - (1 - next_lr * weight_decay) * next_bc / (next_lr * beta)
+
 
 def adamw_update(weight, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay):
     """One AdamW step in float32 with exactly torch.optim.AdamW's operations (decoupled weight decay,
@@ -58,16 +102,17 @@ def adamw_update(weight, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, e
     return theta, denom
 
 
-def eco_adamw_step(weight, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay, quantize):
+def eco_adamw_step(weight, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay, quantize,
+                   next_lr=None):
     """One ECO-AdamW step for one tensor. `weight` is the float32 dequantized weight; `quantize` maps
     float32 theta to its float32 grid value q(theta). Updates exp_avg / exp_avg_sq in place, returns q(theta).
-    With quantize = identity this is exactly torch.optim.AdamW."""
+    With quantize = identity this is exactly torch.optim.AdamW. next_lr: see injection_coefficient."""
     theta, denom = adamw_update(weight, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1,
                                 beta2=beta2, eps=eps, weight_decay=weight_decay)
     new_weight = quantize(theta)
-    if lr > 0:
+    alpha = injection_coefficient(lr, weight_decay, beta1, 1 - beta1 ** step, next_lr, 1 - beta1 ** (step + 1))
+    if alpha != 0.0:
         error = theta - new_weight  # ideal minus stored: the sign matters
-        alpha = (1 - lr * weight_decay) * ((1 - beta1 ** step) / lr) * (1 - 1 / beta1)  # negative
         exp_avg.addcmul_(error, denom, value=alpha)  # <- ECO: the error goes into the momentum
     return new_weight
 
@@ -78,18 +123,76 @@ def sgdm_update(weight, grad, momentum_buffer, *, lr, momentum, weight_decay):
     return weight.float() * (1 - lr * weight_decay) - lr * momentum_buffer
 
 
-def eco_sgd_step(weight, grad, momentum_buffer, *, lr, momentum, weight_decay, quantize):
-    """ECO for SGD-momentum: m' = m~ + (1 - lr wd)(1/lr)(1 - 1/beta) e. Returns q(theta)."""
+def eco_sgd_step(weight, grad, momentum_buffer, *, lr, momentum, weight_decay, quantize, next_lr=None):
+    """ECO for SGD-momentum: m' = m~ + alpha e (alpha from injection_coefficient). Returns q(theta)."""
     theta = sgdm_update(weight, grad, momentum_buffer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     new_weight = quantize(theta)
-    if lr > 0:
-        alpha = (1 - lr * weight_decay) / lr * (1 - 1 / momentum)
+    alpha = injection_coefficient(lr, weight_decay, momentum, next_lr=next_lr, next_bc=1.0)
+    if alpha != 0.0:
         momentum_buffer.add_(theta - new_weight, alpha=alpha)  # <- ECO
     return new_weight
 
 
 # -----------------------------------------------------------------------------
-# Optimizer classes: bookkeeping around the functions above
+# How the AdamW moments are stored between steps (moments="fp32" | "bf16" | "fp8")
+
+MOMENT_BLOCK = 128  # fp8: values per scale; a row of the fused kernel splits into whole blocks
+MOMENT_FP8 = "fp8_e4m3"  # the format of both m and sqrt(v) (E4M3 beat E5M2 for m; see RESULTS.md)
+MIN_COMPRESSED_NUMEL = 4096  # smaller tensors (norm gains) keep float32 moments
+MOMENT_KEYS = dict(fp32=("exp_avg", "exp_avg_sq"), bf16=("exp_avg", "exp_avg_sq"),  # state entries, in kernel order
+                   fp8=("exp_avg", "exp_avg_sq_sqrt", "exp_avg_scale", "exp_avg_sq_sqrt_scale"))
+
+
+def moments_format(p, moments):
+    """The storage actually used for p's moments: the requested one, or fp32 for small tensors."""
+    return moments if p.numel() >= MIN_COMPRESSED_NUMEL else "fp32"
+
+
+def init_moments(p, moments):
+    """Zero moments for parameter p in the given storage, as a dict of optimizer-state entries."""
+    zeros = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+    if moments == "fp32":
+        return dict(exp_avg=zeros, exp_avg_sq=zeros.clone())
+    if moments == "bf16":
+        return dict(exp_avg=zeros.bfloat16(), exp_avg_sq=zeros.bfloat16())
+    codes, scale = quant.quantize_blocks(zeros, MOMENT_FP8, MOMENT_BLOCK)
+    return dict(exp_avg=codes, exp_avg_scale=scale, exp_avg_sq_sqrt=codes.clone(), exp_avg_sq_sqrt_scale=scale.clone())
+
+
+def stored_moments(state):
+    """Which storage a state dict holds: 'fp32', 'bf16' or 'fp8' (read off its keys and dtypes)."""
+    if "exp_avg_sq_sqrt" in state:
+        return "fp8"
+    return "bf16" if state["exp_avg"].dtype == torch.bfloat16 else "fp32"
+
+
+def load_moments(state):
+    """(exp_avg, exp_avg_sq) as float32 tensors to update in place. For fp32 storage these ARE the state."""
+    kind = stored_moments(state)
+    if kind == "fp32":
+        return state["exp_avg"], state["exp_avg_sq"]
+    if kind == "bf16":
+        return state["exp_avg"].float(), state["exp_avg_sq"].float()
+    m = quant.dequantize_blocks(state["exp_avg"], state["exp_avg_scale"], MOMENT_FP8, MOMENT_BLOCK)
+    sqrt_v = quant.dequantize_blocks(state["exp_avg_sq_sqrt"], state["exp_avg_sq_sqrt_scale"], MOMENT_FP8, MOMENT_BLOCK)
+    return m, sqrt_v * sqrt_v
+
+
+def store_moments_(state, exp_avg, exp_avg_sq, generator):
+    """Write updated float32 moments back into their storage, with stochastic rounding (see docstring)."""
+    kind = stored_moments(state)
+    if kind == "bf16":
+        state["exp_avg"].copy_(quant.round_to_bfloat16(exp_avg, "stochastic", generator))
+        state["exp_avg_sq"].copy_(quant.round_to_bfloat16(exp_avg_sq, "stochastic", generator))
+    elif kind == "fp8":
+        for key, x in (("exp_avg", exp_avg), ("exp_avg_sq_sqrt", exp_avg_sq.sqrt())):
+            codes, scale = quant.quantize_blocks(x, MOMENT_FP8, MOMENT_BLOCK, "stochastic", generator)
+            state[key].copy_(codes)
+            state[key + "_scale"].copy_(scale)
+
+
+# -----------------------------------------------------------------------------
+# Gradients of models with quantized weights: they live in weight.main_grad
 
 def is_quantized(p):
     return getattr(p, "fmt", None) is not None
@@ -100,16 +203,67 @@ def grad_of(p):
     return p.main_grad if is_quantized(p) else p.grad
 
 
+def zero_grad_(params):
+    """model.zero_grad() for models with quantized weights: it does not know main_grad."""
+    for p in params:
+        p.grad = None
+        if is_quantized(p):
+            p.main_grad = None
+
+
+@torch.no_grad()
+def clip_grad_norm_(params, max_norm):
+    """torch.nn.utils.clip_grad_norm_ for models with quantized weights (it would skip main_grad): scales
+    every gradient by min(1, max_norm / (norm + 1e-6)) with norm the global L2 norm; max_norm = 0 only
+    measures. A non-finite norm raises NonFiniteError before any gradient is changed. Returns the norm."""
+    if not (isinstance(max_norm, (int, float)) and max_norm >= 0):
+        raise ValueError(f"max_norm={max_norm!r}; accepted: a number >= 0 (0: no clipping)")
+    grads = [g for p in params if (g := grad_of(p)) is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    if not torch.isfinite(norm):
+        raise quant.NonFiniteError(f"the global gradient norm is {norm.item()}; no gradient was changed")
+    if max_norm > 0:
+        for g in grads:
+            g.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return norm
+
+
+# -----------------------------------------------------------------------------
+# Optimizer classes: bookkeeping around the functions above
+
+def kernel_seed(seed, step, index):
+    """One Philox seed per kernel launch. Triton draws random numbers from (seed, element index), so every
+    (optimizer seed, step, tensor) needs its own seed: the same seed twice would reuse the same numbers."""
+    return (seed * 1_000_003 + step * 65_537 + index) % 2**31
+
+
+def _check_number(name, value, low, high, low_open=False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not (low < value < high if low_open else low <= value < high):
+        interval = f"({low}, {high})" if low_open else f"[{low}, {high})"
+        raise ValueError(f"invalid {name}={value!r}; accepted: a finite number in {interval}")
+
+
+def _check_choice(name, value, accepted):
+    if value not in accepted:
+        raise ValueError(f"unknown {name} {value!r}; accepted: {list(accepted)}")
+
+
+GRAD_LIMIT = math.sqrt(torch.finfo(torch.float32).max)  # |g| above this overflows g*g, hence v, in float32
+
+
 class _QuantizedOptimizer(torch.optim.Optimizer):
     """What ECOAdamW and ECOSGD share: argument checks, the rounding generator, main_grad handling,
-    and a state_dict that survives FP8 parameters."""
+    and a state_dict that survives FP8 parameters and compressed moments."""
 
-    def __init__(self, params, defaults, mode, rounding, seed):
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; accepted: {list(MODES)}")
+    def __init__(self, params, defaults, mode, rounding, seed, injection):
+        _check_choice("mode", mode, MODES)
         quant.check_rounding(rounding)
+        _check_choice("injection", injection, INJECTIONS)
         super().__init__(params, defaults)
-        self.mode, self.rounding, self.seed = mode, rounding, seed
+        self.mode, self.rounding, self.seed, self.injection = mode, rounding, seed, injection
         qparams = [p for p in self._params() if is_quantized(p)]
         device = qparams[0].device if qparams else torch.device("cpu")
         self.generator = torch.Generator(device=device).manual_seed(seed)  # stochastic rounding
@@ -117,31 +271,35 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
     def _params(self):
         return [p for group in self.param_groups for p in group["params"]]
 
-    def _check_hyper(self, name, value, low, high, low_open=False):
-        if not isinstance(value, (int, float)) or not (low < value < high if low_open else low <= value < high):
-            interval = f"({low}, {high})" if low_open else f"[{low}, {high})"
-            raise ValueError(f"invalid {name}={value!r}; accepted: a number in {interval}")
+    def _check_group(self, group, mode):  # per class: the hyper-parameters of one param group
+        raise NotImplementedError
 
-    def _grads_or_raise(self):
-        """Collect (param, grad) pairs and refuse NaN/Inf before any weight or state is touched."""
-        pairs = [(p, g) for p in self._params() if (g := grad_of(p)) is not None]
-        if pairs and not torch.stack([torch.isfinite(g).all() for _, g in pairs]).all():
-            bad = [tuple(p.shape) for p, g in pairs if not torch.isfinite(g).all()]
-            raise quant.NonFiniteError(f"non-finite gradient in parameters of shapes {bad}; nothing was updated")
-        return pairs
-
-    @staticmethod
-    def _dequantized(p):
-        return quant.dequantize(p, p.scale, p.fmt)
-
-    def _store(self, p):
-        """quantize(theta): round theta onto p's grid, write codes + scale into p, return the grid value."""
-        def store(theta):
-            codes, scale = quant.quantize(theta, p.fmt, self.rounding, self.generator)
-            p.copy_(codes)
-            p.scale.copy_(scale)
-            return quant.dequantize(codes, scale, p.fmt)
-        return store
+    def _work(self):
+        """Every check that can fail, before any tensor is touched; then the (group, index, p, grad) to step."""
+        for group in self.param_groups:
+            self._check_group(group, self.mode)
+            if self.injection == "next_lr":
+                if "next_lr" not in group:
+                    raise ValueError("injection='next_lr' needs each param group's 'next_lr' (the lr of the next "
+                                     "step), set by the training loop before step() like 'lr'")
+                _check_number("next_lr", group["next_lr"], 0.0, math.inf)
+        work, index = [], 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if is_quantized(p) and p.grad is not None:
+                    raise ValueError(f"a quantized weight of shape {tuple(p.shape)} has a gradient in .grad; its "
+                                     "gradient belongs in .main_grad (quant.QuantizedWeight puts it there)")
+                grad = grad_of(p)
+                if grad is not None:
+                    work.append((group, index, p, grad))
+                index += 1
+        if work:  # one host sync for all tensors: NaN/Inf, or |g| so large that g*g overflows
+            bad = torch.stack([~torch.isfinite(g).all() | (g.abs().amax() > GRAD_LIMIT) for *_, g in work])
+            if bad.any():
+                shapes = [tuple(p.shape) for (_, _, p, _), b in zip(work, bad.tolist()) if b]
+                raise quant.NonFiniteError(f"non-finite gradient (or |g| > {GRAD_LIMIT:.3g}, whose square overflows "
+                                           f"float32) in parameters of shapes {shapes}; nothing was updated")
+        return work
 
     def zero_grad(self, set_to_none=True):
         super().zero_grad(set_to_none)
@@ -152,15 +310,33 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
     def state_dict(self):
         sd = super().state_dict()
         sd["generator"] = self.generator.get_state()
+        sd["eco"] = dict(optimizer=type(self).__name__, mode=self.mode)
         return sd
 
+    def _expected_state(self, p, group):  # per class: {key: (dtype, shape)} of p's state
+        raise NotImplementedError
+
     def load_state_dict(self, state_dict):
+        """torch's load_state_dict, checked first (class, mode, every tensor's key, dtype and shape), and
+        without torch's cast of floating-point state to the parameter's dtype, which would turn float32
+        moments and master copies into FP8 codes."""
         state_dict = dict(state_dict)
+        saved_by = state_dict.pop("eco", None)
+        mine = dict(optimizer=type(self).__name__, mode=self.mode)
+        if saved_by is not None and saved_by != mine:
+            raise ValueError(f"this state was saved by {saved_by}; this optimizer is {mine}")
         generator_state = state_dict.pop("generator")
-        super().load_state_dict(state_dict)
-        # torch casts floating-point state to the parameter's dtype: for an FP8 parameter that would turn
-        # the float32 moments and master copy into FP8. Reload them as saved, float32, on the param's device.
         params = self._params()
+        groups = [g for g in self.param_groups for _ in g["params"]]
+        for index, saved in state_dict["state"].items():
+            if not 0 <= index < len(params):
+                raise ValueError(f"saved state for parameter {index}; this optimizer has {len(params)} parameters")
+            expected = self._expected_state(params[index], groups[index])
+            got = {k: (v.dtype, tuple(v.shape)) for k, v in saved.items() if torch.is_tensor(v) and k != "step"}
+            if got != expected:
+                raise ValueError(f"parameter {index} (shape {tuple(params[index].shape)}): saved state {got} does not "
+                                 f"match this optimizer's {expected} (another mode, moments or model?)")
+        super().load_state_dict(state_dict)
         for index, saved in state_dict["state"].items():
             p = params[index]
             self.state[p] = {k: v.to(p.device, copy=True) if torch.is_tensor(v) else v for k, v in saved.items()}
@@ -169,76 +345,111 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
 
 class ECOAdamW(_QuantizedOptimizer):
     """AdamW for models with quantized weights (quant.QuantizedWeight / QLinear), in one of three modes:
-    'master', 'naive' or 'eco' (see the module docstring). rounding: 'stochastic' or 'nearest'."""
+    'master', 'naive' or 'eco' (see the module docstring). rounding: 'stochastic' or 'nearest' (weights).
+    moments: 'fp32', 'bf16' or 'fp8' (also a per-group key). injection: 'paper' or 'next_lr'."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 mode="eco", rounding="stochastic", seed=0, fused=None):
-        self._check_hyper("lr", lr, 0.0, math.inf)
-        self._check_hyper("beta1", betas[0], 0.0, 1.0, low_open=(mode == "eco"))  # eco divides by beta1
-        self._check_hyper("beta2", betas[1], 0.0, 1.0)
-        self._check_hyper("eps", eps, 0.0, math.inf)
-        self._check_hyper("weight_decay", weight_decay, 0.0, math.inf)
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        super().__init__(params, defaults, mode, rounding, seed)
+                 mode="eco", rounding="stochastic", seed=0, moments="fp32", injection="paper", fused=None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, moments=moments)
+        _check_choice("mode", mode, MODES)
+        self._check_group(defaults, mode)
+        super().__init__(params, defaults, mode, rounding, seed, injection)
         # fused: the ECO step of row-scaled weights runs as one Triton kernel (kernels.py) on CUDA
-        self.fused_step = None
+        self.fused_step, self.fused_moments = None, ()
         if fused is not False and torch.cuda.is_available() and all(p.is_cuda for p in self._params() if is_quantized(p)):
             try:
                 import kernels  # imports triton
-                self.fused_step = kernels.eco_adamw_fused_
+                self.fused_step, self.fused_moments = kernels.eco_adamw_fused_, kernels.MOMENTS
             except ImportError:
                 pass
         if fused and self.fused_step is None:
             raise ValueError("fused=True needs the quantized parameters on CUDA and triton installed; use fused=False")
         self.fused = self.fused_step is not None
 
+    def _check_group(self, group, mode):
+        betas = group["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"invalid betas={betas!r}; accepted: a pair (beta1, beta2)")
+        _check_number("lr", group["lr"], 0.0, math.inf)
+        _check_number("beta1", betas[0], 0.0, 1.0, low_open=(mode == "eco"))  # eco divides by beta1
+        _check_number("beta2", betas[1], 0.0, 1.0)
+        _check_number("eps", group["eps"], 0.0, math.inf, low_open=True)  # eps = 0 divides 0 by 0 where v = 0
+        _check_number("weight_decay", group["weight_decay"], 0.0, math.inf)
+        _check_choice("moments", group["moments"], MOMENTS)
+
+    def _expected_state(self, p, group):
+        shapes = {k: (v.dtype, tuple(v.shape)) for k, v in init_moments(p, moments_format(p, group["moments"])).items()}
+        if is_quantized(p) and self.mode == "master":
+            shapes["master"] = (torch.float32, tuple(p.shape))
+        return shapes
+
+    def _fusable(self, p, state):
+        return self.fused and self.mode == "eco" and quant.FORMATS[p.fmt].per_row and stored_moments(state) in self.fused_moments
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grads = {id(p): g for p, g in self._grads_or_raise()}
-        for index, (group, p) in enumerate((g, p) for g in self.param_groups for p in g["params"]):
-            beta1, beta2 = group["betas"]
-            if id(p) not in grads:
-                continue
+        for group, index, p, grad in self._work():
             state = self.state[p]
             if not state:
                 state["step"] = 0
-                state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-                state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                state.update(init_moments(p, moments_format(p, group["moments"])))
                 if is_quantized(p) and self.mode == "master":
-                    state["master"] = self._dequantized(p)  # starts at the stored weight
+                    state["master"] = quant.dequantize(p, p.scale, p.fmt)  # starts at the stored weight
             state["step"] += 1
+            beta1, beta2 = group["betas"]
             hyper = dict(step=state["step"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                          weight_decay=group["weight_decay"])
-            args = (grads[id(p)], state["exp_avg"], state["exp_avg_sq"])
+            next_lr = group["next_lr"] if self.injection == "next_lr" else None
+            if is_quantized(p) and self._fusable(p, state):  # eco as one GPU kernel, moments included
+                kind = stored_moments(state)
+                self.fused_step(p, p.scale, grad, *(state[k] for k in MOMENT_KEYS[kind]), moments=kind, **hyper,
+                                next_lr=next_lr, fmt=p.fmt, rounding=self.rounding,
+                                seed=kernel_seed(self.seed, state["step"], index))
+                continue
+            m, v = load_moments(state)  # float32
             if not is_quantized(p):  # embeddings, norms, head: plain AdamW
-                p.copy_(adamw_update(p, *args, **hyper)[0])
-            elif self.mode == "master":  # AdamW on the float32 master, stored weight = q(master)
-                theta, _ = adamw_update(state["master"], *args, **hyper)
-                state["master"].copy_(theta)
-                self._store(p)(theta)
-            elif self.mode == "naive":  # AdamW on the stored weight; the rounding error is lost
-                theta, _ = adamw_update(self._dequantized(p), *args, **hyper)
-                self._store(p)(theta)
-            elif self.fused and quant.FORMATS[p.fmt].per_row:  # eco, the same math as one GPU kernel
-                self.fused_step(p, p.scale, *args, **hyper, fmt=p.fmt, rounding=self.rounding,
-                                seed=(self.seed * 1_000_003 + state["step"] * 65_537 + index) % 2**31)
-            else:  # eco: as naive, and the rounding error is injected into exp_avg
-                eco_adamw_step(self._dequantized(p), *args, **hyper, quantize=self._store(p))
+                p.copy_(adamw_update(p, grad, m, v, **hyper)[0])
+            else:
+                # store(theta) rounds theta onto p's grid, writes codes + scale into p, returns q(theta)
+                store = functools.partial(quant.store_, p, p.scale, fmt=p.fmt, rounding=self.rounding,
+                                          generator=self.generator)
+                if self.mode == "master":  # AdamW on the float32 master; the stored weight is q(master)
+                    theta, _ = adamw_update(state["master"], grad, m, v, **hyper)
+                    state["master"].copy_(theta)
+                    store(theta)
+                elif self.mode == "naive":  # AdamW on the stored weight; the rounding error is lost
+                    store(adamw_update(quant.dequantize(p, p.scale, p.fmt), grad, m, v, **hyper)[0])
+                else:  # eco: as naive, and the rounding error is injected into m
+                    eco_adamw_step(quant.dequantize(p, p.scale, p.fmt), grad, m, v, **hyper, next_lr=next_lr,
+                                   quantize=store)
+            store_moments_(state, m, v, self.generator)
         return loss
 
 
 class ECOSGD(_QuantizedOptimizer):
     """SGD with EMA momentum (m = beta m + (1 - beta) g) for quantized weights, modes as ECOAdamW."""
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, *, mode="eco", rounding="stochastic", seed=0):
-        self._check_hyper("lr", lr, 0.0, math.inf)
-        self._check_hyper("momentum", momentum, 0.0, 1.0, low_open=(mode == "eco"))
-        self._check_hyper("weight_decay", weight_decay, 0.0, math.inf)
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay), mode, rounding, seed)
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, *, mode="eco", rounding="stochastic", seed=0,
+                 injection="paper"):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
+        _check_choice("mode", mode, MODES)
+        self._check_group(defaults, mode)
+        super().__init__(params, defaults, mode, rounding, seed, injection)
+
+    def _check_group(self, group, mode):
+        _check_number("lr", group["lr"], 0.0, math.inf)
+        _check_number("momentum", group["momentum"], 0.0, 1.0, low_open=(mode == "eco"))
+        _check_number("weight_decay", group["weight_decay"], 0.0, math.inf)
+
+    def _expected_state(self, p, group):
+        shapes = dict(momentum_buffer=(torch.float32, tuple(p.shape)))
+        if is_quantized(p) and self.mode == "master":
+            shapes["master"] = (torch.float32, tuple(p.shape))
+        return shapes
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -246,26 +457,27 @@ class ECOSGD(_QuantizedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grads = {id(p): g for p, g in self._grads_or_raise()}
-        for group in self.param_groups:
+        for group, _, p, grad in self._work():
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                if is_quantized(p) and self.mode == "master":
+                    state["master"] = quant.dequantize(p, p.scale, p.fmt)
             hyper = dict(lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"])
-            for p in group["params"]:
-                if id(p) not in grads:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-                    if is_quantized(p) and self.mode == "master":
-                        state["master"] = self._dequantized(p)
-                args = (grads[id(p)], state["momentum_buffer"])
-                if not is_quantized(p):
-                    p.copy_(sgdm_update(p, *args, **hyper))
-                elif self.mode == "master":
-                    theta = sgdm_update(state["master"], *args, **hyper)
+            next_lr = group["next_lr"] if self.injection == "next_lr" else None
+            m = state["momentum_buffer"]
+            if not is_quantized(p):  # plain SGD-momentum
+                p.copy_(sgdm_update(p, grad, m, **hyper))
+            else:
+                store = functools.partial(quant.store_, p, p.scale, fmt=p.fmt, rounding=self.rounding,
+                                          generator=self.generator)
+                if self.mode == "master":
+                    theta = sgdm_update(state["master"], grad, m, **hyper)
                     state["master"].copy_(theta)
-                    self._store(p)(theta)
+                    store(theta)
                 elif self.mode == "naive":
-                    self._store(p)(sgdm_update(self._dequantized(p), *args, **hyper))
+                    store(sgdm_update(quant.dequantize(p, p.scale, p.fmt), grad, m, **hyper))
                 else:
-                    eco_sgd_step(self._dequantized(p), *args, **hyper, quantize=self._store(p))
+                    eco_sgd_step(quant.dequantize(p, p.scale, p.fmt), grad, m, **hyper, next_lr=next_lr,
+                                 quantize=store)
         return loss

@@ -12,6 +12,8 @@ The formats (FORMATS below):
     fp8_e4m3  FP8 with 4 exponent and 3 mantissa bits, rho = 448, one scale per row. Its grid is not
               uniform: between 2^k and 2^(k+1) there are 8 points, spaced 2^(k-3); below 2^-6 the
               subnormals are spaced 2^-9. Stored as torch.float8_e4m3fn: 1 byte per value.
+    fp8_e5m2  FP8 with 5 exponent and 2 mantissa bits, rho = 57344: coarser (4 points per binade) but a
+              wider range (subnormals spaced 2^-16). Stored as torch.float8_e5m2. Used for moments.
     int8      integers in [-127, 127], one scale per row. Stored as torch.int8.
     int4      integers in [-7, 7], one scale per tensor (the paper's fine-tuning setting). Stored one
               value per byte in torch.int8 (a real kernel would pack two per byte).
@@ -51,6 +53,7 @@ class Format:
 
 FORMATS = {
     "fp8_e4m3": Format("fp8_e4m3", torch.float8_e4m3fn, 448.0, True, mantissa_bits=3, min_exponent=-6),
+    "fp8_e5m2": Format("fp8_e5m2", torch.float8_e5m2, 57344.0, True, mantissa_bits=2, min_exponent=-14),
     "int8": Format("int8", torch.int8, 127.0, True),
     "int4": Format("int4", torch.int8, 7.0, False),
 }
@@ -118,9 +121,9 @@ def quantize(x, fmt, rounding="nearest", generator=None, check=True):
     where a NaN reaches the loss (and train.py stops) before it could reach a stored weight."""
     f = get_format(fmt)
     check_rounding(rounding)
+    x = x.float()  # first: a float64 1e39 is finite, its float32 value is not
     if check:
         check_finite(x, "quantize input")
-    x = x.float()
     scale = compute_scale(x, f)
     codes = round_to_grid(x / scale, f, rounding, generator).to(f.dtype)  # the grid value is exact in f.dtype
     return codes, scale
@@ -134,6 +137,56 @@ def dequantize(codes, scale, fmt):
 def quantize_dequantize(x, fmt, rounding="nearest", generator=None):
     """The value on the grid, as float32: dequantize(*quantize(x, ...))."""
     return dequantize(*quantize(x, fmt, rounding, generator), fmt)
+
+
+def store_(codes, scale, x, fmt, rounding="nearest", generator=None):
+    """Quantize x into an existing (codes, scale) pair, in place; return the float32 grid value q(x).
+    This is how an optimizer writes a new weight: the codes tensor is the model's parameter."""
+    new_codes, new_scale = quantize(x, fmt, rounding, generator)
+    codes.copy_(new_codes)
+    scale.copy_(new_scale)
+    return dequantize(new_codes, new_scale, fmt)
+
+
+# -----------------------------------------------------------------------------
+# Storage for an optimizer's moments: one scale per block of a row, and bfloat16 with stochastic rounding
+
+def _blocks(x, block):
+    """[..., n] -> [..., n_blocks, block], zero-padding the last block of each row (zeros leave absmax as is)."""
+    n_blocks = -(-x.shape[-1] // block)
+    return F.pad(x, (0, n_blocks * block - x.shape[-1])).view(*x.shape[:-1], n_blocks, block)
+
+
+def quantize_blocks(x, fmt, block, rounding="nearest", generator=None):
+    """One scale per block of `block` consecutive values in each row: exactly the per-row quantizer above
+    applied to x reshaped to [..., n_blocks, block]. Returns codes shaped like x and float32 scales
+    [..., n_blocks]. Smaller blocks follow the data more closely; each costs 4 bytes of scale."""
+    f = get_format(fmt)
+    if not f.per_row:
+        raise ValueError(f"fmt={fmt!r} has one scale per tensor; block scales need a row-wise format: "
+                         f"{[n for n, g in FORMATS.items() if g.per_row]}")
+    codes, scale = quantize(_blocks(x.float(), block), fmt, rounding, generator)
+    n = x.shape[-1]
+    return codes.view(*x.shape[:-1], -1)[..., :n].contiguous(), scale.squeeze(-1)
+
+
+def dequantize_blocks(codes, scale, fmt, block):
+    n = codes.shape[-1]
+    return (dequantize(_blocks(codes.float(), block), scale.unsqueeze(-1), fmt)).view(*codes.shape[:-1], -1)[..., :n]
+
+
+def round_to_bfloat16(x, rounding="nearest", generator=None):
+    """float32 -> bfloat16 (8 bits of mantissa: bfloat16 is float32 with the low 16 bits cut off).
+    Stochastic rounding, exactly: add a uniform 16-bit integer to the float32 bit pattern and truncate. The
+    carry reaches the kept bits with probability (the cut-off part) / 2^16, i.e. x rounds away from zero with
+    probability proportional to its distance from the lower-magnitude neighbour; a carry into the exponent is
+    the next binade's first value, as it should be. Unbiased for any finite x that does not overflow."""
+    check_rounding(rounding)
+    x = x.float()
+    if rounding == "nearest":
+        return x.to(torch.bfloat16)
+    noise = torch.randint(0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32)
+    return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # exact: on the grid
 
 
 def quantize_activations(x, fmt="fp8_e4m3"):
@@ -249,17 +302,47 @@ class QLinear(QuantizedWeight):
 
 
 def quantize_linears_(model, fmt, include=None):
-    """Swap, in place, every bias-free nn.Linear for a QLinear and every FloatWeight for a QuantizedWeight.
-    include(name, module) -> bool picks which (e.g. only the transformer-block Linears). Returns the
-    number of weights swapped."""
+    """Swap, in place, every bias-free nn.Linear (or subclass that keeps Linear's forward) for a QLinear and
+    every FloatWeight for a QuantizedWeight. include(name, module) -> bool picks which (e.g. only the
+    transformer-block Linears). A module attached under several names is swapped at every name for one
+    shared new module, and weights tied between swapped modules stay tied (one set of codes and scales).
+    Everything is checked before the first swap. Returns the number of distinct weights quantized."""
     get_format(fmt)
-    targets = [(name, m) for name, m in model.named_modules()
-               if (type(m) is nn.Linear or type(m) is FloatWeight) and (include is None or include(name, m))]
-    for name, m in targets:
-        if type(m) is nn.Linear:
-            new = QLinear.from_linear(m, fmt)
+    targets = {}  # id(module) -> (module, every name it is attached under)
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, (nn.Linear, FloatWeight)) and (include is None or include(name, m)):
+            targets.setdefault(id(m), (m, []))[1].append(name)
+    for m, names in targets.values():
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            raise ValueError(f"{names[0]}: a Linear with a bias; QLinear is bias-free (exclude it with include=)")
+        if isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward:
+            raise TypeError(f"{names[0]}: {type(m).__name__} overrides nn.Linear.forward; QLinear would drop that "
+                            "behaviour (exclude it with include=)")
+    owners = {}  # id(weight) -> names of every module holding it, swapped or not
+    for name, m in model.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(name)
+    target_names = {n for _, names in targets.values() for n in names}
+    for m, names in targets.values():
+        outside = [n for n in owners[id(m.weight)] if n not in target_names]
+        if outside:
+            raise ValueError(f"{names[0]}.weight is shared with {outside}, which would stay in float: "
+                             "quantize both or neither")
+    swapped = {}  # id(old weight) -> new module, so tied weights stay tied
+    for m, names in targets.values():
+        if isinstance(m, nn.Linear):
+            new = QLinear(m.in_features, m.out_features, fmt).to(m.weight.device)
         else:
-            new = QuantizedWeight(tuple(m.weight.shape), fmt).to(m.weight.device).set_float_(m.weight.detach())
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
-    return len(targets)
+            new = QuantizedWeight(tuple(m.weight.shape), fmt).to(m.weight.device)
+        tied = swapped.get(id(m.weight))
+        if tied is None:
+            new.set_float_(m.weight.detach())
+            swapped[id(m.weight)] = new
+        else:  # share the codes parameter and the scale buffer with the first module that held this weight
+            new.weight = tied.weight
+            new.scale = tied.scale
+            new._link()
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, new)
+    return len(swapped)

@@ -117,8 +117,8 @@ def test_all_zero_rows_get_a_finite_scale():
 
 
 def test_quantizer_bad_inputs_raise_clear_errors():
-    with pytest.raises(ValueError, match="fp8_e5m2.*accepted.*fp8_e4m3"):
-        quant.quantize(torch.ones(2), "fp8_e5m2")
+    with pytest.raises(ValueError, match="fp4_e2m1.*accepted.*fp8_e4m3"):
+        quant.quantize(torch.ones(2), "fp4_e2m1")
     with pytest.raises(ValueError, match="'up'.*accepted.*nearest"):
         quant.quantize(torch.ones(2), "int8", rounding="up")
     with pytest.raises(ValueError, match="NaN or Inf"):
