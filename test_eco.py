@@ -377,6 +377,357 @@ def test_zero_learning_rate_skips_the_injection():
 
 
 # -----------------------------------------------------------------------------
+# eco.py: the injection coefficient under a schedule (injection="next_lr")
+
+def test_exact_two_term_rule_reproduces_master_weight_sgdm_under_a_schedule():
+    """The module docstring's derivation: m_t = m~_t + (1 - lr_t wd) e_{t-1}/lr_t - (1 - lr_{t+1} wd) e_t/(lr_{t+1} beta)
+    keeps theta equal to master-weight SGDM under a warm-up-then-decay schedule (float32 rounding). Written with
+    the project's sgdm_update, injection_coefficient and quantizer: the one-term coefficient plus the e_{t-1} - e_t
+    correction it drops is the exact rule."""
+    g = torch.Generator().manual_seed(3)
+    n, beta, wd, steps = 64, 0.9, 0.1, 200
+    target = torch.randn(1, n, generator=g)
+    lrs = [0.05 * min(1.0, 0.1 + t / 40) * (0.2 + 0.8 * (1 - t / steps)) for t in range(steps + 1)]
+    noise = [0.1 * torch.randn(1, n, generator=g) for _ in range(steps)]
+    q = lambda x: quant.quantize_dequantize(x, "int8")
+    master = q(target + 1)
+    m_master = torch.zeros(1, n)
+    stored, m, e = master.clone(), torch.zeros(1, n), torch.zeros(1, n)
+    for t in range(steps):
+        lr, next_lr = lrs[t], lrs[t + 1]
+        master = eco.sgdm_update(master, q(master) - target + noise[t], m_master, lr=lr, momentum=beta, weight_decay=wd)
+        theta = eco.sgdm_update(stored, stored - target + noise[t], m, lr=lr, momentum=beta, weight_decay=wd)
+        stored = q(theta)
+        e_new = theta - stored
+        c = eco.injection_coefficient(lr, wd, beta, next_lr=next_lr, next_bc=1.0)
+        m += c * e_new + (1 - lr * wd) / lr * (e - e_new)
+        e = e_new
+        assert torch.allclose(theta, master, rtol=0, atol=2e-5), t
+    assert (e != 0).float().mean() > 0.9, "the grid really loses information at every step"
+
+
+def test_next_lr_rule_equals_the_papers_at_a_constant_lr():
+    for lr, wd, beta in [(1e-3, 0.1, 0.9), (0.3, 0.0, 0.5)]:
+        paper = eco.injection_coefficient(lr, wd, beta)
+        assert eco.injection_coefficient(lr, wd, beta, next_lr=lr, next_bc=1.0) == pytest.approx(paper, rel=1e-12)
+        assert paper < 0
+    runs = {}
+    for injection in eco.INJECTIONS:  # ECOSGD with a constant lr: the two rules give the same codes
+        w = quant.QuantizedWeight((4, 64), "int8").set_float_(torch.randn(4, 64, generator=torch.Generator().manual_seed(0)))
+        opt = eco.ECOSGD([w.weight], lr=0.01, weight_decay=0.1, mode="eco", rounding="nearest", injection=injection)
+        for t in range(50):
+            opt.param_groups[0]["next_lr"] = 0.01
+            w.weight.main_grad = w.dequantized_weight() - 0.3
+            opt.step()
+        runs[injection] = w.dequantized_weight()
+    assert torch.allclose(runs["paper"], runs["next_lr"], atol=1e-6)
+
+
+def test_next_lr_rule_differs_from_the_papers_during_warm_up_and_decay():
+    paper = eco.injection_coefficient(1e-3, 0.1, 0.9, bc=0.5)
+    warmup = eco.injection_coefficient(1e-3, 0.1, 0.9, bc=0.5, next_lr=1.05e-3, next_bc=0.5)
+    decay = eco.injection_coefficient(1e-3, 0.1, 0.9, bc=0.5, next_lr=0.95e-3, next_bc=0.5)
+    assert decay < paper < warmup < 0, "a rising lr needs less momentum to carry the same error, a falling one more"
+    assert eco.injection_coefficient(1e-3, 0.0, 0.9, next_lr=2e-3, next_bc=1.0) > 0, "lr growing faster than 1/beta"
+
+
+def test_next_lr_zero_skips_the_injection_and_a_missing_next_lr_is_an_error():
+    model = tiny_model()
+    opt = eco.ECOAdamW(model.parameters(), lr=1e-2, mode="eco", rounding="nearest", injection="next_lr")
+    with pytest.raises(ValueError, match="next_lr"):
+        train_steps(model, opt, 1, seed=0)
+    for group in opt.param_groups:
+        group["next_lr"] = 0.0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_steps(model, opt, 1, seed=0)
+    state = opt.state[model[1].weight]
+    assert torch.isfinite(state["exp_avg"]).all()
+    ref = tiny_model()  # with next_lr = 0 the step equals naive: no injection
+    ref.load_state_dict(before)
+    ref_opt = eco.ECOAdamW(ref.parameters(), lr=1e-2, mode="naive", rounding="nearest")
+    train_steps(ref, ref_opt, 1, seed=0)
+    assert torch.equal(state["exp_avg"], ref_opt.state[ref[1].weight]["exp_avg"])
+
+
+# -----------------------------------------------------------------------------
+# eco.py: compressed moments (moments="bf16" | "fp8")
+
+def bfloat16_neighbours(x):
+    """Independent of quant.py: the bfloat16 values just nearer to and just farther from zero than x (equal if exact)."""
+    lo = (x.view(torch.int32) & -65536).view(torch.float32)  # truncation
+    return lo, torch.where(lo == x, x, (lo.view(torch.int32) + 65536).view(torch.float32))
+
+
+def test_bfloat16_stochastic_rounding_picks_a_neighbour_and_is_unbiased():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(200, generator=g) * 10.0 ** torch.randint(-30, 30, (200,), generator=g).float(),
+                   torch.tensor([1.0, -1.0, 1 + 2 ** -9, 2 - 2 ** -20, -(2 - 2 ** -20), 0.0, 3e-39])])  # edges
+    lo, hi = bfloat16_neighbours(x)
+    n = 4000
+    draws = torch.stack([quant.round_to_bfloat16(x, "stochastic", g).float() for _ in range(n)])
+    assert ((draws == lo) | (draws == hi)).all()
+    p = torch.where(hi == lo, torch.zeros_like(x), (x - lo) / (hi - lo))  # the exact probability of hi
+    p_measured = ((draws == hi) & (hi != lo)).float().mean(0)
+    assert (p_measured - p).abs().le(5 * (p * (1 - p) / n).sqrt() + 1e-6).all()
+    assert torch.equal(draws[:, x == 2 - 2 ** -20].unique(), torch.tensor([2.0])), "carries into the exponent"
+    assert torch.equal(quant.round_to_bfloat16(x, "nearest"), x.bfloat16())
+
+
+def test_block_scales_are_a_reshape_of_row_scales():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 300, generator=g) * torch.logspace(-3, 2, 300)  # ragged: blocks of 128, 128, 44
+    x[1, 128:256] = 0  # an all-zero block
+    codes, scale = quant.quantize_blocks(x, "fp8_e4m3", 128)
+    assert codes.shape == x.shape and codes.dtype == torch.float8_e4m3fn and scale.shape == (3, 3)
+    for b, (lo, hi) in enumerate([(0, 128), (128, 256), (256, 300)]):
+        c, s = quant.quantize(x[:, lo:hi], "fp8_e4m3")  # each block on its own, with the per-row quantizer
+        assert torch.equal(codes[:, lo:hi].float(), c.float()) and torch.equal(scale[:, b], s[:, 0])
+    back = quant.dequantize_blocks(codes, scale, "fp8_e4m3", 128)
+    assert torch.equal(back, quant.dequantize_blocks(*quant.quantize_blocks(back, "fp8_e4m3", 128), "fp8_e4m3", 128))
+    assert (back[1, 128:256] == 0).all()
+    with pytest.raises(ValueError, match="row-wise"):
+        quant.quantize_blocks(x, "int4", 128)
+
+
+def compressed_model_and_opt(moments, mode="eco", seed=5):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(64, 64), nn.Linear(64, 128, bias=False), nn.ReLU(), nn.LayerNorm(128),
+                          nn.Linear(128, 64, bias=False))
+    quant.quantize_linears_(model, "fp8_e4m3", include=lambda name, m: name == "1")
+    opt = eco.ECOAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, mode=mode, moments=moments, seed=seed)
+    return model, opt
+
+
+def train_compressed(model, opt, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, 64, (16,), generator=g)
+        loss = nn.functional.cross_entropy(model(idx), (idx * 7 + 3) % 64)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+@pytest.mark.parametrize("moments,bytes_per_value", [("fp32", 4), ("bf16", 2), ("fp8", 1)])
+def test_moments_are_stored_in_2_or_1_bytes_and_small_tensors_stay_float32(moments, bytes_per_value):
+    model, opt = compressed_model_and_opt(moments)
+    train_compressed(model, opt, 2, seed=0)
+    big, norm = opt.state[model[1].weight], opt.state[model[3].weight]
+    assert eco.stored_moments(big) == moments and eco.stored_moments(norm) == "fp32"  # 128 < 4096 elements
+    keys = eco.MOMENT_KEYS[moments][:2]
+    assert all(big[k].nbytes == bytes_per_value * model[1].weight.numel() for k in keys)
+    if moments == "fp8":  # plus one float32 scale per block of 128 values of each row
+        assert big["exp_avg_scale"].shape == (128, 1) and big["exp_avg_sq_sqrt_scale"].dtype == torch.float32
+    assert eco.stored_moments(opt.state[model[0].weight]) == moments  # the embedding: 4096 elements
+
+
+def test_fp32_moments_are_the_float32_reference_step_bit_for_bit():
+    """moments='fp32' is the paper's optimizer: ECOAdamW equals eco_adamw_step + quant.store_ with the same generator."""
+    w = quant.QuantizedWeight((8, 64), "fp8_e4m3").set_float_(torch.randn(8, 64, generator=torch.Generator().manual_seed(0)))
+    codes, scale = w.weight.clone(), w.scale.clone()
+    opt = eco.ECOAdamW([w.weight], lr=1e-3, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.1, mode="eco", seed=3)
+    gen = torch.Generator().manual_seed(3)
+    m, v = torch.zeros(8, 64), torch.zeros(8, 64)
+    g = torch.Generator().manual_seed(1)
+    for t in range(1, 20):
+        grad = torch.randn(8, 64, generator=g) * 1e-3
+        w.weight.main_grad = grad
+        opt.step()
+        store = lambda theta: quant.store_(codes, scale, theta, "fp8_e4m3", "stochastic", gen)
+        eco.eco_adamw_step(quant.dequantize(codes, scale, "fp8_e4m3"), grad, m, v, step=t, lr=1e-3, beta1=0.9,
+                           beta2=0.98, eps=1e-9, weight_decay=0.1, quantize=store)
+        assert torch.equal(w.weight.view(torch.uint8), codes.view(torch.uint8)) and torch.equal(w.scale, scale)
+    assert torch.equal(opt.state[w.weight]["exp_avg"], m) and torch.equal(opt.state[w.weight]["exp_avg_sq"], v)
+
+
+def storage_neighbours(exact, moments):
+    """The two values of the moments' storage grid around each exact float32 moment (independent enumeration)."""
+    if moments == "bf16":
+        return bfloat16_neighbours(exact)
+    scale = quant.quantize_blocks(exact, "fp8_e4m3", eco.MOMENT_BLOCK)[1]  # the scale does not depend on rounding
+    s = scale.repeat_interleave(eco.MOMENT_BLOCK, dim=-1)[..., :exact.shape[-1]]
+    lo, hi = neighbours(exact / s, FP8_GRID)
+    return lo * s, hi * s
+
+
+@pytest.mark.parametrize("moments", ["bf16", "fp8"])
+def test_compressed_moments_store_a_grid_neighbour_of_the_float32_moments_without_bias(moments):
+    """One step from fixed moments, many seeds: the stored moment (m; v, or sqrt(v) for fp8) is one of the two
+    storage-grid neighbours of the float32 moment the reference computes, and it is unbiased."""
+    shape = (4, 4096)
+    g = torch.Generator().manual_seed(2)
+    w0 = torch.randn(shape, generator=g) * 0.02
+    grad = torch.randn(shape, generator=g) * 1e-3
+    m0, v0 = torch.randn(shape, generator=g) * 1e-3, torch.rand(shape, generator=g) * 1e-6
+    start = eco.init_moments(torch.empty(shape), moments)
+    eco.store_moments_(start, m0, v0, torch.Generator().manual_seed(99))
+    m_ref, v_ref = (t.clone() for t in eco.load_moments(start))  # the reference starts where the optimizer does
+    ref = quant.QuantizedWeight(shape, "fp8_e4m3").set_float_(w0)
+    eco.eco_adamw_step(ref.dequantized_weight(), grad, m_ref, v_ref, step=5, lr=1e-3, beta1=0.9, beta2=0.98,
+                       eps=1e-9, weight_decay=0.0, quantize=lambda x: quant.store_(ref.weight, ref.scale, x, "fp8_e4m3"))
+    keys = eco.MOMENT_KEYS[moments]
+    exact = [m_ref, v_ref.sqrt() if moments == "fp8" else v_ref]
+    stored = [[], []]
+    for seed in range(16):
+        w = quant.QuantizedWeight(shape, "fp8_e4m3").set_float_(w0)
+        opt = eco.ECOAdamW([w.weight], lr=1e-3, betas=(0.9, 0.98), eps=1e-9, mode="eco", rounding="nearest",
+                           moments=moments, seed=seed)
+        opt.state[w.weight].update(step=4, **{k: v.clone() for k, v in start.items()})
+        w.weight.main_grad = grad
+        opt.step()
+        assert torch.equal(w.weight.view(torch.uint8), ref.weight.view(torch.uint8)), "the weight step is unchanged"
+        state = opt.state[w.weight]
+        for i in range(2):
+            stored[i].append(state[keys[i]].float() if moments == "bf16" else
+                             quant.dequantize_blocks(state[keys[i]], state[keys[i] + "_scale"], "fp8_e4m3", eco.MOMENT_BLOCK))
+    for draws, x in zip(stored, exact):
+        draws = torch.stack(draws)
+        lo, hi = storage_neighbours(x, moments)
+        assert ((draws == lo) | (draws == hi)).all(), "a neighbour on the storage grid"
+        assert (draws == hi).any() and (draws == lo).any()
+        step = torch.where(hi == lo, torch.ones_like(x), hi - lo)
+        bias = ((draws - x) / step).mean()  # in units of the local storage step, over 16 x 16384 draws
+        assert bias.abs() < 0.01, "unbiased (one draw's error has a standard deviation below 0.5 step)"
+
+
+@pytest.mark.parametrize("moments", ["bf16", "fp8"])
+@pytest.mark.parametrize("mode", eco.MODES)
+def test_compressed_moments_train_in_every_mode_and_resume_bit_identically(moments, mode, tmp_path):
+    model, opt = compressed_model_and_opt(moments, mode)
+    first = train_compressed(model, opt, 1, seed=0)
+    train_compressed(model, opt, 20, seed=1)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    last = train_compressed(model, opt, 40, seed=2)
+    assert last < first - 1.0
+    resumed, resumed_opt = compressed_model_and_opt(moments, mode)
+    ckpt = torch.load(tmp_path / "ckpt.pt")
+    resumed.load_state_dict(ckpt["model"])
+    resumed_opt.load_state_dict(ckpt["opt"])  # torch's own load would cast the codes to the parameter's dtype
+    assert eco.stored_moments(resumed_opt.state[resumed[1].weight]) == moments
+    train_compressed(resumed, resumed_opt, 40, seed=2)
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a.float(), b.float()), name
+
+
+def test_load_state_dict_refuses_another_mode_class_moments_or_shape():
+    model, opt = compressed_model_and_opt("fp32", "master")
+    train_compressed(model, opt, 2, seed=0)
+    saved = opt.state_dict()
+    _, eco_opt = compressed_model_and_opt("fp32", "eco")
+    with pytest.raises(ValueError, match="mode.*master.*eco"):
+        eco_opt.load_state_dict(saved)
+    _, bf16_opt = compressed_model_and_opt("bf16", "master")
+    with pytest.raises(ValueError, match="does not match"):
+        bf16_opt.load_state_dict(saved)
+    with pytest.raises(ValueError, match="ECOSGD"):
+        eco.ECOSGD(model.parameters(), lr=0.1, mode="master").load_state_dict(saved)
+    other = nn.Sequential(nn.Embedding(64, 64), nn.Linear(64, 96, bias=False), nn.ReLU(), nn.LayerNorm(96),
+                          nn.Linear(96, 64, bias=False))
+    quant.quantize_linears_(other, "fp8_e4m3", include=lambda name, m: name == "1")
+    with pytest.raises(ValueError, match="parameter 1"):
+        eco.ECOAdamW(other.parameters(), mode="master").load_state_dict(saved)
+    saved_noscale = opt.state_dict()
+    del saved_noscale["state"][1]["master"]
+    with pytest.raises(ValueError, match="does not match"):
+        opt.load_state_dict(saved_noscale)
+
+
+def test_bad_moments_and_injection_values_raise_clear_errors():
+    params = list(tiny_model().parameters())
+    with pytest.raises(ValueError, match="'int8'.*accepted.*fp32.*bf16.*fp8"):
+        eco.ECOAdamW(params, moments="int8")
+    with pytest.raises(ValueError, match="'next'.*accepted.*paper.*next_lr"):
+        eco.ECOAdamW(params, injection="next")
+    with pytest.raises(ValueError, match="eps=0.*\\(0.0, inf\\)"):
+        eco.ECOAdamW(params, eps=0.0)
+
+
+# -----------------------------------------------------------------------------
+# eco.py: nothing is touched unless every check passes
+
+def test_a_bad_param_group_or_huge_gradient_raises_before_any_parameter_changes():
+    model = tiny_model()
+    opt = eco.ECOAdamW([dict(params=[model[0].weight, model[1].weight]), dict(params=[model[3].weight])], lr=1e-2)
+    train_steps(model, opt, 2, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {k: v.clone() for k, v in opt.state[model[1].weight].items() if torch.is_tensor(v)}
+
+    def unchanged():
+        return (all(torch.equal(v.float(), before[k].float()) for k, v in model.state_dict().items())
+                and all(torch.equal(opt.state[model[1].weight][k], v) for k, v in moments.items()))
+    model(torch.arange(4)).sum().backward()
+    opt.param_groups[1]["lr"] = -1e-2  # the second group: the first would be stepped before it is reached
+    with pytest.raises(ValueError, match="lr=-0.01"):
+        opt.step()
+    assert unchanged()
+    opt.param_groups[1]["lr"] = 1e-2
+    model[3].weight.grad[0, 0] = 1e22  # finite, but its square is not: v would become inf and poison m
+    with pytest.raises(ValueError, match="overflows"):
+        opt.step()
+    assert unchanged()
+    model[3].weight.grad[0, 0] = 0.0
+    model[1].weight.grad = torch.zeros_like(model[1].weight)  # a gradient where the optimizer never looks
+    with pytest.raises(ValueError, match="main_grad"):
+        opt.step()
+    assert unchanged()
+
+
+def test_clip_and_zero_grad_include_main_grad():
+    model = tiny_model()
+    model(torch.arange(8)).sum().backward()
+    grads = {n: eco.grad_of(p).clone() for n, p in model.named_parameters()}
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()]))
+    assert torch.allclose(eco.clip_grad_norm_(model.parameters(), 0), norm)  # 0: measure only
+    assert all(torch.equal(eco.grad_of(p), grads[n]) for n, p in model.named_parameters())
+    eco.clip_grad_norm_(model.parameters(), 0.1 * norm.item())
+    for n, p in model.named_parameters():  # every gradient, main_grad included, scaled by the same factor
+        assert torch.allclose(eco.grad_of(p), grads[n] * 0.1 * norm / (norm + 1e-6), rtol=1e-5), n
+    model[1].weight.main_grad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="global gradient norm is inf"):
+        eco.clip_grad_norm_(model.parameters(), 1.0)
+    assert model[3].weight.grad.isfinite().all(), "nothing was scaled by an infinite norm"
+    eco.zero_grad_(model.parameters())
+    assert all(eco.grad_of(p) is None for p in model.parameters())
+
+
+def test_quantize_casts_to_float32_before_its_finiteness_check():
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quant.quantize(torch.tensor([1.0, 1e39], dtype=torch.float64), "fp8_e4m3")
+
+
+def test_quantize_linears_keeps_tied_and_shared_weights_and_checks_everything_first():
+    class Scaled(nn.Linear):  # a subclass that keeps Linear's forward is a Linear
+        pass
+
+    class Custom(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+    shared = nn.Linear(8, 8, bias=False)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False),
+                          Scaled(8, 8, bias=False))
+    model[4].weight = model[3].weight  # tied
+    assert quant.quantize_linears_(model, "fp8_e4m3") == 3  # shared (once), the tied pair (once), Scaled
+    assert model[0] is model[2] and isinstance(model[0], quant.QLinear)
+    assert model[3].weight is model[4].weight and model[3].scale is model[4].scale
+    assert isinstance(model[5], quant.QLinear)
+    opt = eco.ECOAdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    assert torch.equal(model[3].dequantized_weight(), model[4].dequantized_weight())
+    for bad, match in [(nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8)), "bias"),
+                       (nn.Sequential(nn.Linear(8, 8, bias=False), Custom(8, 8, bias=False)), "overrides")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            quant.quantize_linears_(bad, "fp8_e4m3")
+        assert type(bad[0]) is nn.Linear, "nothing was swapped before the error"
+    emb = nn.Embedding(8, 8)
+    head = nn.Linear(8, 8, bias=False)
+    head.weight = emb.weight
+    with pytest.raises(ValueError, match="shared with"):
+        quant.quantize_linears_(nn.ModuleDict(dict(emb=emb, head=head)), "fp8_e4m3")
+
+
+# -----------------------------------------------------------------------------
 # model.py, moe.py
 
 from model import GPT, GPTConfig  # noqa: E402
