@@ -256,26 +256,10 @@ def test_exact_two_term_rule_reproduces_master_weight_sgdm():
         assert torch.allclose(theta, master, rtol=0, atol=1e-9)
 
 
-def quadratic_error(mode, lr, steps=1500, n=256):
-    """Minimise 0.5 |w - target|^2 with ECOSGD on an int8 row (grid step about 1/127), round-to-nearest.
-    Returns the mean squared distance of the stored weight to the optimum over the last 300 steps."""
-    g = torch.Generator().manual_seed(0)
-    target = torch.rand(1, n, generator=g) * 2 - 1
-    target[0, 0] = 1.0  # pins the row scale near 1/127
-    w = quant.QuantizedWeight((1, n), "int8").set_float_(target + 0.5 * torch.randn(1, n, generator=g))
-    opt = eco.ECOSGD([w.weight], lr=lr, momentum=0.9, mode=mode, rounding="nearest")
-    errors = []
-    for t in range(steps):
-        w.weight.main_grad = w.dequantized_weight() - target
-        opt.step()
-        errors.append(((w.dequantized_weight() - target) ** 2).mean().item())
-    return sum(errors[-300:]) / 300
-
-
 def test_quadratic_naive_stalls_as_lr_shrinks_while_eco_tracks_master():
     """The paper's theory in miniature: with RTN, naive removal's error grows as lr shrinks (updates under
     half a grid step are lost); ECO stays within a small factor of master weights at every lr."""
-    err = {(mode, lr): quadratic_error(mode, lr) for mode in eco.MODES for lr in (0.1, 0.01)}
+    err = {(mode, lr): eco.quadratic_error(mode, lr, steps=1500) for mode in eco.MODES for lr in (0.1, 0.01)}
     assert err["naive", 0.01] > 20 * err["naive", 0.1]
     for lr in (0.1, 0.01):
         assert err["naive", lr] > 10 * err["master", lr]
