@@ -22,11 +22,12 @@ from moe import MoE
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 2049
-    block_size: int = 128  # longest context
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
+    """The defaults are the model of train.py's default run: train.py reads its model options from here."""
+    vocab_size: int = 2049  # data/prepare.py's 2048 BPE tokens + <|endoftext|>
+    block_size: int = 64  # longest context
+    n_layer: int = 2
+    n_head: int = 2
+    n_embd: int = 64
     mlp: str = "dense"  # "dense" (SwiGLU) or "moe"
     n_experts: int = 8  # moe only
     top_k: int = 2  # moe only

@@ -11,13 +11,20 @@ removal of the master copy, ECO) on Shakespeare, and report validation loss, mem
 
 Every method starts from the same initial weights, sees the same batches in the same order and follows
 the same learning-rate schedule; only the optimizer's handling of the quantized weights differs (eco.py).
-Options are --key=value overrides of the defaults below. Results go to <out_dir>/results.json (and
-<out_dir>/curves.png when matplotlib is installed).
+Options are --key=value overrides of the defaults below, all range-checked before anything is written.
+
+Files in out_dir: results.json (rewritten after each method), ckpt_<method>.pt (--save_checkpoint=True,
+at every evaluation) and curves.png. Each is written under a temporary name, flushed to disk and renamed
+over the old one, so a crash at any moment leaves the previous complete file. An out_dir holds one run's
+settings: a run is refused, naming the options, if one that changes training (all but NOT_THE_RUN) differs
+from the settings of the results.json or checkpoints already there; with the same settings it replaces
+the results of the methods it trains and keeps the others. --resume=True continues each method from its
+checkpoint; a method without one yet starts from step 0 (the log says so); an unreadable one stops the run.
 """
-import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -29,24 +36,24 @@ import quant
 from model import GPT, GPTConfig
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
-from prepare import load_tokenizer, prepare  # data/prepare.py
+import prepare  # data/prepare.py
 
 # -----------------------------------------------------------------------------
 # Defaults: every one can be overridden on the command line as --key=value
 out_dir = "out"
-data_dir = "data/shakespeare"  # prepared by data/prepare.py (run automatically if missing)
+data_dir = prepare.DEFAULT_DIR  # data/shakespeare beside this file; any other: data/prepare.py --input --out_dir
 methods = "fp32,master_rtn,naive_rtn,naive_sr,eco_rtn,eco_sr"  # which to train, in this order
 fmt = "fp8_e4m3"  # weight format of the quantized methods: fp8_e4m3, int8 or int4
 preset = ""  # "gpu": a model about the size of the paper's smallest (~30M non-embedding parameters)
 init_from = ""  # a checkpoint of a full-precision run to fine-tune from (the paper's INT4 setting)
-# model
-model = "dense"  # "dense" or "moe"
-n_layer = 2
-n_head = 2
-n_embd = 64
-block_size = 64
-n_experts = 8  # moe
-top_k = 2  # moe
+# model: the defaults of model.py's GPTConfig, set there only (2 layers, 2 heads, width 64, 64 tokens of context)
+model = GPTConfig.mlp  # "dense" or "moe"
+n_layer = GPTConfig.n_layer
+n_head = GPTConfig.n_head
+n_embd = GPTConfig.n_embd
+block_size = GPTConfig.block_size
+n_experts = GPTConfig.n_experts  # moe
+top_k = GPTConfig.top_k  # moe
 # optimisation: the paper's AdamW settings, scaled down
 batch_size = 8
 max_steps = 3000  # many small steps: sub-grid updates are what ECO is about (see README)
@@ -58,7 +65,9 @@ beta1 = 0.9
 beta2 = 0.98
 eps = 1e-9
 weight_decay = 0.1
-grad_clip = 1.0
+grad_clip = 1.0  # clip the global gradient norm to this (0: no clipping)
+moments = "fp32"  # how the AdamW moments are stored: fp32 (the paper), bf16 or fp8 (eco.py)
+injection = "paper"  # ECO's coefficient: "paper" (constant lr) or "next_lr" (follows the schedule; eco.py)
 # evaluation, logging, checkpoints
 eval_interval = 500
 eval_batches = 16  # a fixed set of validation batches, the same for every method
@@ -80,7 +89,14 @@ ALL_METHODS = {  # short name -> (optimizer mode, rounding); fp32 trains without
     "fp32": (None, None), "master_rtn": ("master", "nearest"), "naive_rtn": ("naive", "nearest"),
     "naive_sr": ("naive", "stochastic"), "eco_rtn": ("eco", "nearest"), "eco_sr": ("eco", "stochastic"),
 }
+MODEL_KEYS = ("model", "n_layer", "n_head", "n_embd", "block_size", "n_experts", "top_k")
+# Options that leave the training trajectory alone (how far it goes, what is logged, where, on what device):
+# the runs of one out_dir, a --resume included, may differ in these
+NOT_THE_RUN = ("out_dir", "resume", "stop_at", "log_interval", "sample_tokens", "device", "compile",
+               "save_checkpoint", "methods")
 
+# -----------------------------------------------------------------------------
+# Options
 
 def parse_args(argv):
     """--key=value overrides, checked against each default's type; unknown keys list the valid ones."""
@@ -107,16 +123,60 @@ def parse_args(argv):
             raise ValueError(f"unknown preset {overrides['preset']!r}; accepted: {list(PRESETS)}")
         config.update(PRESETS[overrides["preset"]])
     config.update(overrides)
-    names = [m for m in config["methods"].split(",") if m]
-    bad = [m for m in names if m not in ALL_METHODS]
-    if bad or not names:
-        raise ValueError(f"--methods={config['methods']}: unknown {bad}; accepted: {','.join(ALL_METHODS)}")
-    quant.get_format(config["fmt"])
+    check_ranges(config)
+    for key in ("data_dir", "init_from"):  # one spelling per folder, whatever the working directory
+        config[key] = config[key] and os.path.abspath(config[key])
     return config
 
 
+def check_ranges(c):
+    """Every option's accepted values; each error names the option, its value and what is accepted."""
+    def need(ok, key, accepted):
+        if not ok:
+            raise ValueError(f"--{key}={c[key]!r} is out of range; accepted: {accepted}")
+    names = method_list(c)
+    bad = [m for m in names if m not in ALL_METHODS]
+    if bad or not names:
+        raise ValueError(f"--methods={c['methods']}: unknown {bad}; accepted: {','.join(ALL_METHODS)}")
+    need(len(set(names)) == len(names), "methods", "each method at most once")
+    for key, accepted in (("fmt", quant.FORMATS), ("model", ("dense", "moe")), ("moments", eco.MOMENTS),
+                          ("injection", eco.INJECTIONS)):
+        need(c[key] in accepted, key, ", ".join(accepted))
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "n_experts", "batch_size", "max_steps",
+                "eval_interval", "eval_batches", "log_interval"):
+        need(c[key] >= 1, key, "an integer >= 1")
+    need(c["n_embd"] % (2 * c["n_head"]) == 0, "n_embd", f"a multiple of 2 x n_head={c['n_head']} (rotary "
+         "embeddings rotate pairs of channels, so each head's size must be even)")
+    need(1 <= c["top_k"] <= c["n_experts"], "top_k", f"1 to n_experts={c['n_experts']}")
+    need(0 <= c["stop_at"] <= c["max_steps"], "stop_at", f"0 (run to max_steps) to max_steps={c['max_steps']}")
+    need(0 <= c["lr"] < math.inf, "lr", "a finite number >= 0")
+    for key in ("warmup_frac", "warmup_start", "final_lr_frac"):
+        need(0 <= c[key] <= 1, key, "a number in [0, 1]")
+    need(0 < c["beta1"] < 1, "beta1", "a number in (0, 1)")
+    need(0 <= c["beta2"] < 1, "beta2", "a number in [0, 1)")
+    need(0 < c["eps"] < math.inf, "eps", "a finite number > 0")
+    need(0 <= c["weight_decay"] < math.inf, "weight_decay", "a finite number >= 0")
+    need(0 <= c["grad_clip"] < math.inf, "grad_clip", "a finite number >= 0 (0: no clipping)")
+    need(c["sample_tokens"] >= 0, "sample_tokens", "an integer >= 0")
+    need(0 <= c["seed"] < 2**31, "seed", "an integer in [0, 2^31)")  # get_batch's seeds must fit in 64 bits
+    need(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", c["device"]), "device", "auto, cpu, cuda, cuda:N or mps")
+
+
+def method_list(c):
+    return [m for m in c["methods"].split(",") if m]
+
+
+def method_name(short, c):
+    """The name in logs, results and checkpoints: the weight format comes first for quantized methods."""
+    return short if ALL_METHODS[short][0] is None else f"{c['fmt'].split('_')[0]}_{short}"
+
+
+# -----------------------------------------------------------------------------
+# Schedule and batches: pure functions of the step, the same for every method
+
 def get_lr(step, c):
-    """Linear warmup from warmup_start x peak, then cosine down to final_lr_frac x peak (step is 0-based)."""
+    """Linear warmup from warmup_start x peak, then cosine down to final_lr_frac x peak. step is 0-based;
+    get_lr(max_steps) = final_lr_frac x peak is the rate after the last step (what next_lr needs there)."""
     warmup = max(1, int(c["warmup_frac"] * c["max_steps"]))
     if step < warmup:
         return c["lr"] * (c["warmup_start"] + (1 - c["warmup_start"]) * step / warmup)
@@ -136,20 +196,70 @@ def get_batch(data, step, c, dev, stream):
     return x.to(dev), y.to(dev)
 
 
+# -----------------------------------------------------------------------------
+# Files: written so that a crash never leaves half of one; read back with errors that name them
+
+def write_atomic(path, write):
+    """write(f) into path + ".tmp", flush it to disk, then rename it over path: a crash at any moment leaves
+    the old file or the new one at path, never a part of one (a failed write leaves a .tmp, replaced next time)."""
+    with open(path + ".tmp", "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def read_checkpoint(path, map_location="cpu"):
+    if not os.path.exists(path):
+        raise ValueError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location)
+        if not {"model", "config"} <= set(ckpt):
+            raise KeyError("it has no 'model' and 'config' entries")
+    except Exception as err:  # a truncated zip archive, a foreign file, ...: say which file
+        raise ValueError(f"{path} is damaged or not a checkpoint of train.py ({type(err).__name__}: {err})") from None
+    return ckpt
+
+
+def check_out_dir(c, names):
+    """The out_dir rule of the module docstring, checked before anything is written: refuse a run whose
+    settings differ from those of the checkpoints it would continue or overwrite, or of results.json.
+    Returns the results of earlier runs with these settings (kept in results.json)."""
+    settings = {}  # file in out_dir -> the settings of the run that wrote it
+    if c["resume"] or c["save_checkpoint"]:
+        for name in names:
+            path = os.path.join(c["out_dir"], f"ckpt_{name}.pt")
+            if os.path.exists(path):
+                settings[path] = read_checkpoint(path)["config"]
+    path, earlier = os.path.join(c["out_dir"], "results.json"), {}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            settings[path], earlier = saved["config"], saved["methods"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path} is not a results file of train.py ({err}); move it away, or use another "
+                             "--out_dir") from None
+    for path, saved in settings.items():
+        diff = [f"{k}={saved.get(k)!r} there, {c[k]!r} now" for k in c if k not in NOT_THE_RUN and saved.get(k) != c[k]]
+        if diff:
+            raise ValueError(f"{path} comes from a run with other settings: {'; '.join(diff)}. "
+                             "Use that run's settings, or another --out_dir")
+    return earlier
+
+
+# -----------------------------------------------------------------------------
+# Measurements
+
 def memory_bytes(model, opt):
     """Static memory actually allocated: weights (codes, scales, float params) and optimizer state."""
-    quantized = {id(p) for p in model.parameters() if eco.is_quantized(p)}
     parts = dict(q_weights=0, q_state=0, other_weights=0, other_state=0, q_params=0, other_params=0)
     for p in model.parameters():
-        kind = "q" if id(p) in quantized else "other"
+        kind = "q" if eco.is_quantized(p) else "other"
         parts[f"{kind}_params"] += p.numel()
         parts[f"{kind}_weights"] += p.nbytes + (p.scale.nbytes if kind == "q" else 0)
         parts[f"{kind}_state"] += sum(t.nbytes for t in opt.state.get(p, {}).values() if torch.is_tensor(t))
     return parts
-
-
-def weights_hash(state_dict):
-    return hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in state_dict.values())).hexdigest()
 
 
 @torch.no_grad()
@@ -163,148 +273,171 @@ def evaluate(model, val_data, c, dev):
 def main(argv=None):
     c = parse_args(sys.argv[1:] if argv is None else argv)
     # -------------------------------------------------------------------------
-    # Device, data
+    # Everything that can refuse the run, before out_dir is touched (the default data is prepared on first use)
+    init_state = None
+    if c["init_from"]:  # fine-tuning: the weights, and the architecture that comes with them
+        ckpt = read_checkpoint(c["init_from"])
+        if any(t.dtype != torch.float32 for t in ckpt["model"].values()):
+            raise ValueError(f"--init_from={c['init_from']}: expected a full-precision (fp32 method) checkpoint")
+        changed = [f"{k}={ckpt['config'][k]!r} (not {c[k]!r})" for k in MODEL_KEYS if ckpt["config"][k] != c[k]]
+        if changed:
+            print(f"--init_from: the architecture comes with the weights: {', '.join(changed)}")
+        c.update({k: ckpt["config"][k] for k in MODEL_KEYS})
+        init_state = ckpt["model"]
+    names = [method_name(short, c) for short in method_list(c)]
+    earlier = check_out_dir(c, names)
+    if os.path.realpath(c["data_dir"]) == os.path.realpath(prepare.DEFAULT_DIR):
+        meta = prepare.prepare(prepare.DEFAULT_DIR)  # downloads and tokenizes Shakespeare once
+    else:
+        meta = prepare.load_meta(c["data_dir"])  # refuses a missing, incomplete or damaged folder
+    train_data = np.memmap(os.path.join(c["data_dir"], "train.bin"), dtype=np.uint16, mode="r")
+    val_data = np.memmap(os.path.join(c["data_dir"], "val.bin"), dtype=np.uint16, mode="r")
+    for split, data in (("train", train_data), ("val", val_data)):  # get_batch needs block_size + 2 tokens or more
+        if len(data) < c["block_size"] + 2:
+            raise ValueError(f"--block_size={c['block_size']} is too long for the {split} split of {c['data_dir']} "
+                             f"({len(data)} tokens); accepted: at most {len(data) - 2}")
     dev = c["device"]
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    meta = prepare(c["data_dir"])  # downloads and tokenizes Shakespeare once; later runs find it complete
-    train_data = np.memmap(os.path.join(c["data_dir"], "train.bin"), dtype=np.uint16, mode="r")
-    val_data = np.memmap(os.path.join(c["data_dir"], "val.bin"), dtype=np.uint16, mode="r")
-    os.makedirs(c["out_dir"], exist_ok=True)
 
     # -------------------------------------------------------------------------
-    # One set of initial weights for every method (fresh, or a full-precision checkpoint to fine-tune)
-    model_keys = ("model", "n_layer", "n_head", "n_embd", "block_size", "n_experts", "top_k")
-    init_state = None
-    if c["init_from"]:
-        ckpt = torch.load(c["init_from"], map_location="cpu")
-        if any(t.dtype != torch.float32 for t in ckpt["model"].values()):
-            raise ValueError(f"--init_from={c['init_from']}: expected a full-precision (fp32 method) checkpoint")
-        c.update({k: ckpt["config"][k] for k in model_keys})  # the architecture comes with the weights
-        init_state = ckpt["model"]
+    # One set of initial weights for every method (fresh from the seed, or the fine-tuning checkpoint)
     cfg = GPTConfig(vocab_size=meta["vocab_size"], block_size=c["block_size"], n_layer=c["n_layer"],
                     n_head=c["n_head"], n_embd=c["n_embd"], mlp=c["model"], n_experts=c["n_experts"], top_k=c["top_k"])
     torch.manual_seed(c["seed"])
+    init_model = GPT(cfg)
     if init_state is None:
-        init_state = GPT(cfg).state_dict()
-    init_hash = weights_hash(init_state)
-    names = [m for m in c["methods"].split(",") if m]
-    print(f"device {dev} | {GPT(cfg).num_params():,} non-embedding parameters | {c['max_steps']} steps of "
+        init_state = init_model.state_dict()
+    print(f"device {dev} | {init_model.num_params():,} non-embedding parameters | {c['max_steps']} steps of "
           f"{c['batch_size'] * c['block_size']:,} tokens | methods {', '.join(names)}")
+    kept = [name for name in earlier if name not in names]
+    if kept:
+        print(f"keeping the results of {', '.join(kept)} from an earlier run with these settings")
 
+    # -------------------------------------------------------------------------
+    # Train each method from those weights; results.json after each, so a crash keeps the finished ones
+    os.makedirs(c["out_dir"], exist_ok=True)
     results = {}
-    for short in names:
-        # ---------------------------------------------------------------------
-        # Build this method's model and optimizer: only the optimizer's mode and rounding differ
-        mode, rounding = ALL_METHODS[short]
-        name = short if mode is None else f"{c['fmt'].split('_')[0]}_{short}"
-        torch.manual_seed(c["seed"])
-        model = GPT(cfg)
-        model.load_state_dict(init_state)
-        assert weights_hash(model.state_dict()) == init_hash  # every method starts from the same weights
-        if mode is not None:
-            model.quantize_(c["fmt"])
-        model.to(dev)
-        decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices, expert banks, embeddings
-        no_decay = [p for p in model.parameters() if p.dim() < 2]  # norm gains
-        assert len(decay) + len(no_decay) == len(list(model.parameters())) == len({id(p) for p in decay + no_decay})
-        opt = eco.ECOAdamW([dict(params=decay, weight_decay=c["weight_decay"]), dict(params=no_decay, weight_decay=0.0)],
-                           lr=c["lr"], betas=(c["beta1"], c["beta2"]), eps=c["eps"],
-                           mode=mode or "master", rounding=rounding or "nearest", seed=c["seed"])
-        forward = torch.compile(model) if c["compile"] else model
-        ckpt_path = os.path.join(c["out_dir"], f"ckpt_{name}.pt")
-        start, curve, moved_curve, train_time, diverged = 0, [], [], 0.0, False
-        if c["resume"]:
-            ckpt = torch.load(ckpt_path, map_location=dev)
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            start, curve, moved_curve, train_time = ckpt["step"], ckpt["curve"], ckpt["moved_curve"], ckpt["train_time"]
-        end, done = c["stop_at"] or c["max_steps"], start
-        # Diagnostic (the brief's): the fraction of quantized weights whose stored code changes in a step.
-        # Without a master copy, updates below half a grid step are lost: naive training stalls when it drops.
-        qparams = [p for p in model.parameters() if eco.is_quantized(p)]
-        n_quantized = sum(p.numel() for p in qparams)
-        moved, moved_steps = torch.zeros((), device=dev), 0
-        print(f"\n{name}: mode={mode or 'plain AdamW, no quantization'} rounding={rounding or '-'}")
-        if c["init_from"] and start == 0:  # fine-tuning: the loss of the freshly quantized checkpoint
-            curve.append([0, evaluate(forward, val_data, c, dev)])
-            print(f"{name} step 0: val loss {curve[-1][1]:.4f}")
-
-        # ---------------------------------------------------------------------
-        # Training loop
-        for step in range(start, end):
-            t0 = time.perf_counter()
-            for group in opt.param_groups:
-                group["lr"] = get_lr(step, c)
-            x, y = get_batch(train_data, step, c, dev, stream=TRAIN)
-            try:
-                _, loss = forward(x, y)
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise quant.NonFiniteError(f"loss is {loss_value}")
-                loss.backward()
-                grads = [g for p in model.parameters() if (g := eco.grad_of(p)) is not None]
-                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-                for g in grads:  # clip the global gradient norm, main_grads of quantized weights included
-                    g.mul_((c["grad_clip"] / (norm + 1e-6)).clamp(max=1.0))
-                codes_before = [p.detach().clone() for p in qparams]
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                for before, p in zip(codes_before, qparams):  # compare bytes: FP8 has no != on every device
-                    moved += (before.view(torch.uint8) != p.detach().view(torch.uint8)).sum() / n_quantized
-                moved_steps += 1
-            except quant.NonFiniteError as err:
-                print(f"{name}: diverged at step {step} ({err})")
-                diverged = True
-                break
-            if dev == "cuda":
-                torch.cuda.synchronize()
-            train_time += time.perf_counter() - t0  # the clock runs only for training steps
-            done = step + 1
-            if done % c["log_interval"] == 0 or done == end:
-                tok_s = done * c["batch_size"] * c["block_size"] / max(train_time, 1e-9)  # train_time spans resumes
-                eta = (end - done) * train_time / done
-                print(f"{name} step {done}/{end} | loss {loss_value:.4f} | lr {get_lr(step, c):.2e} | "
-                      f"{tok_s:,.0f} tok/s | ETA {eta:.0f}s")
-            if done % c["eval_interval"] == 0 or done == end:
-                curve.append([done, evaluate(forward, val_data, c, dev)])
-                if qparams:  # the mean fraction of codes moved per step since the last evaluation
-                    moved_curve.append([done, moved.item() / max(moved_steps, 1)])
-                    moved.zero_()
-                    moved_steps = 0
-                print(f"{name} step {done}: val loss {curve[-1][1]:.4f}"
-                      + (f" | codes moved per step {moved_curve[-1][1]:.2%}" if qparams else ""))
-                if c["save_checkpoint"]:
-                    torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=done, curve=curve,
-                                    moved_curve=moved_curve, train_time=train_time, config=c, method=name), ckpt_path)
-
-        # ---------------------------------------------------------------------
-        # This method's results
-        mem = memory_bytes(model, opt)
-        n_params = mem["q_params"] + mem["other_params"]
-        results[name] = dict(
-            val_loss=float("nan") if diverged or not curve else curve[-1][1], diverged=diverged,
-            bytes_per_param=sum(mem[k] for k in ("q_weights", "q_state", "other_weights", "other_state")) / n_params,
-            bytes_per_quantized_param=(mem["q_weights"] + mem["q_state"]) / max(mem["q_params"], 1),
-            bytes_per_other_param=(mem["other_weights"] + mem["other_state"]) / max(mem["other_params"], 1),
-            quantized_params=mem["q_params"], other_params=mem["other_params"],
-            tokens_per_s=done * c["batch_size"] * c["block_size"] / max(train_time, 1e-9),
-            curve=curve, moved_curve=moved_curve, moved=moved_curve[-1][1] if moved_curve else None)
-        if c["sample_tokens"] and not diverged:
-            enc = load_tokenizer(os.path.join(c["data_dir"], meta["tokenizer"]))
-            start_ids = torch.tensor([enc.encode_ordinary("\n")], device=dev)
-            ids = model.generate(start_ids, c["sample_tokens"], top_k=50,
-                                 generator=torch.Generator(device=dev).manual_seed(c["seed"]))
-            results[name]["sample"] = enc.decode(ids[0].tolist())
-            print(f"{name} sample: {results[name]['sample']!r}")
+    for short in method_list(c):
+        results[method_name(short, c)] = train_method(short, c, cfg, init_state, train_data, val_data, meta, dev)
+        text = json.dumps(dict(methods={**earlier, **results}, config=c), indent=1)
+        write_atomic(os.path.join(c["out_dir"], "results.json"), lambda f: f.write(text.encode()))
 
     # -------------------------------------------------------------------------
     # Report
-    report(results, c, meta)
+    report({**earlier, **results}, c)
     return results
 
 
-def report(results, c, meta):
+def train_method(short, c, cfg, init_state, train_data, val_data, meta, dev):
+    """Train one method from init_state on the shared batches and schedule; returns its row of results."""
+    # -------------------------------------------------------------------------
+    # Build this method's model and optimizer: only the optimizer's mode and rounding differ
+    mode, rounding = ALL_METHODS[short]
+    name = method_name(short, c)
+    torch.manual_seed(c["seed"])
+    model = GPT(cfg)
+    model.load_state_dict(init_state)
+    if mode is not None:
+        model.quantize_(c["fmt"])
+    model.to(dev)
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices, expert banks, embeddings
+    no_decay = [p for p in model.parameters() if p.dim() < 2]  # norm gains
+    assert len(decay) + len(no_decay) == len(list(model.parameters())) == len({id(p) for p in decay + no_decay})
+    opt = eco.ECOAdamW([dict(params=decay, weight_decay=c["weight_decay"]), dict(params=no_decay, weight_decay=0.0)],
+                       lr=c["lr"], betas=(c["beta1"], c["beta2"]), eps=c["eps"], mode=mode or "master",
+                       rounding=rounding or "nearest", seed=c["seed"], moments=c["moments"], injection=c["injection"])
+    forward = torch.compile(model) if c["compile"] else model
+    ckpt_path = os.path.join(c["out_dir"], f"ckpt_{name}.pt")
+    start, curve, moved_curve, train_time, diverged = 0, [], [], 0.0, False
+    if c["resume"] and os.path.exists(ckpt_path):
+        ckpt = read_checkpoint(ckpt_path, map_location=dev)  # its settings were checked by check_out_dir
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start, curve, moved_curve, train_time = ckpt["step"], ckpt["curve"], ckpt["moved_curve"], ckpt["train_time"]
+    end, done = c["stop_at"] or c["max_steps"], start
+    # The fraction of quantized weights whose stored code changes in a step. Without a master copy,
+    # updates below half a grid step are lost: naive training stalls when it drops towards zero.
+    qparams = [p for p in model.parameters() if eco.is_quantized(p)]
+    n_quantized = sum(p.numel() for p in qparams)
+    moved, moved_steps = torch.zeros((), device=dev), 0
+    print(f"\n{name}: mode={mode or 'plain AdamW, no quantization'} rounding={rounding or '-'}")
+    if c["resume"]:
+        print(f"{name}: resuming from {ckpt_path} at step {start}" if start else
+              f"{name}: no checkpoint at {ckpt_path} yet, starting from step 0")
+    if c["init_from"] and start == 0:  # fine-tuning: the loss of the freshly quantized checkpoint
+        curve.append([0, evaluate(forward, val_data, c, dev)])
+        print(f"{name} step 0: val loss {curve[-1][1]:.4f}")
+
+    # -------------------------------------------------------------------------
+    # Training loop
+    for step in range(start, end):
+        t0 = time.perf_counter()
+        for group in opt.param_groups:  # next_lr: the rate of the step after this one (injection="next_lr")
+            group["lr"], group["next_lr"] = get_lr(step, c), get_lr(step + 1, c)
+        x, y = get_batch(train_data, step, c, dev, stream=TRAIN)
+        try:
+            _, loss = forward(x, y)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise quant.NonFiniteError(f"loss is {loss_value}")
+            loss.backward()
+            eco.clip_grad_norm_(model.parameters(), c["grad_clip"])  # main_grads of quantized weights included
+            codes_before = [p.detach().clone() for p in qparams]
+            opt.step()
+            eco.zero_grad_(model.parameters())
+            for before, p in zip(codes_before, qparams):  # compare bytes: FP8 has no != on every device
+                moved += (before.view(torch.uint8) != p.detach().view(torch.uint8)).sum() / n_quantized
+            moved_steps += 1
+        except quant.NonFiniteError as err:  # a NaN/Inf loss, gradient norm or gradient
+            print(f"{name}: diverged at step {step} ({err})")
+            diverged = True
+            break
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        train_time += time.perf_counter() - t0  # the clock runs only for training steps
+        done = step + 1
+        if done % c["log_interval"] == 0 or done == end:
+            tok_s = done * c["batch_size"] * c["block_size"] / max(train_time, 1e-9)  # train_time spans resumes
+            eta = (end - done) * train_time / done
+            print(f"{name} step {done}/{end} | loss {loss_value:.4f} | lr {get_lr(step, c):.2e} | "
+                  f"{tok_s:,.0f} tok/s | ETA {eta:.0f}s")
+        if done % c["eval_interval"] == 0 or done == end:
+            curve.append([done, evaluate(forward, val_data, c, dev)])
+            if qparams:  # the mean fraction of codes moved per step since the last evaluation
+                moved_curve.append([done, moved.item() / max(moved_steps, 1)])
+                moved.zero_()
+                moved_steps = 0
+            print(f"{name} step {done}: val loss {curve[-1][1]:.4f}"
+                  + (f" | codes moved per step {moved_curve[-1][1]:.2%}" if qparams else ""))
+            if c["save_checkpoint"]:
+                state = dict(model=model.state_dict(), optimizer=opt.state_dict(), step=done, curve=curve,
+                             moved_curve=moved_curve, train_time=train_time, config=c, method=name)
+                write_atomic(ckpt_path, lambda f: torch.save(state, f))
+
+    # -------------------------------------------------------------------------
+    # This method's results
+    mem = memory_bytes(model, opt)
+    n_params = mem["q_params"] + mem["other_params"]
+    row = dict(
+        val_loss=float("nan") if diverged or not curve else curve[-1][1], diverged=diverged,
+        bytes_per_param=sum(mem[k] for k in ("q_weights", "q_state", "other_weights", "other_state")) / n_params,
+        bytes_per_quantized_param=(mem["q_weights"] + mem["q_state"]) / max(mem["q_params"], 1),
+        bytes_per_other_param=(mem["other_weights"] + mem["other_state"]) / max(mem["other_params"], 1),
+        quantized_params=mem["q_params"], other_params=mem["other_params"],
+        tokens_per_s=done * c["batch_size"] * c["block_size"] / max(train_time, 1e-9),
+        curve=curve, moved_curve=moved_curve, moved=moved_curve[-1][1] if moved_curve else None)
+    if c["sample_tokens"] and not diverged:
+        enc = prepare.load_tokenizer(os.path.join(c["data_dir"], meta["tokenizer"]))
+        start_ids = torch.tensor([enc.encode_ordinary("\n")], device=dev)
+        ids = model.generate(start_ids, c["sample_tokens"], top_k=50,
+                             generator=torch.Generator(device=dev).manual_seed(c["seed"]))
+        row["sample"] = enc.decode(ids[0].tolist())
+        print(f"{name} sample: {row['sample']!r}")
+    return row
+
+
+def report(results, c):
     baseline = next((n for n in results if n.endswith("master_rtn")), None)
     print(f"\n{'method':<17}{'val loss':>9}{'vs master':>11}{'B/param':>9}{'B/qparam':>10}{'B/other':>9}{'tok/s':>9}"
           f"{'moved':>8}")
@@ -316,9 +449,9 @@ def report(results, c, meta):
               f"{r['bytes_per_other_param']:>9.2f}{r['tokens_per_s']:>9,.0f}{moved:>8}")
     print("B/param: weights + scales + master copy + optimizer moments per parameter (all, quantized, the rest)")
     print("moved: quantized weights whose stored code changed, per step, mean over the last evaluation interval")
-    with open(os.path.join(c["out_dir"], "results.json"), "w") as f:
-        json.dump(dict(methods=results, config=c), f, indent=1)
     print(f"wrote {os.path.join(c['out_dir'], 'results.json')}")
+    if not any(r["curve"] for r in results.values()):
+        return  # every method diverged before its first evaluation: nothing to plot
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -331,7 +464,7 @@ def report(results, c, meta):
     plt.xlabel("step")
     plt.ylabel("validation loss")
     plt.legend()
-    plt.savefig(os.path.join(c["out_dir"], "curves.png"), dpi=120)
+    write_atomic(os.path.join(c["out_dir"], "curves.png"), lambda f: plt.savefig(f, format="png", dpi=120))
     plt.close()
 
 
