@@ -237,8 +237,10 @@ def clip_grad_norm_(params, max_norm):
 
 def kernel_seed(seed, step, index):
     """One Philox seed per kernel launch. Triton draws random numbers from (seed, element index), so every
-    (optimizer seed, step, tensor) needs its own seed: the same seed twice would reuse the same numbers."""
-    return (seed * 1_000_003 + step * 65_537 + index) % 2**31
+    (optimizer seed, step, tensor) needs its own seed: the same seed twice would reuse the same numbers.
+    Distinct for every step and for up to 65,537 tensors (Philox takes 64-bit seeds; modulo 2^31, tensor i+k
+    at step t + 65,535 k would repeat tensor i at step t)."""
+    return (seed * 1_000_003 + step * 65_537 + index) % 2**63
 
 
 def _check_number(name, value, low, high, low_open=False):

@@ -1,39 +1,73 @@
 """
 One fused Triton kernel for the ECO-AdamW step of one quantized weight: a single pass over memory.
 
-The reference (eco.eco_adamw_step with quant.quantize) launches a dozen PyTorch kernels per tensor, each
-reading and writing whole float32 tensors. The step is element-wise except for one reduction, the row
-absmax that sets the new scale; if one program owns a whole row, that reduction happens in registers and
-every byte is touched once. Per parameter (grad in float32; bf16 saves 2 bytes):
+The reference (ECOAdamW.step without the kernel: eco.load_moments, eco.eco_adamw_step with quant.store_,
+eco.store_moments_) launches a few dozen PyTorch kernels per tensor, each reading and writing whole
+float32 tensors. The step is element-wise except for the absmax reductions that set new scales (one per
+row for the weight, one per block of 128 values for FP8 moments); if one program owns a whole row, they
+happen in registers and every byte is touched once. Bytes per parameter, with bfloat16 gradients (a
+float32 gradient, such as QuantizedWeight's main_grad, adds 2 B):
 
-    fused ECO step:  read  codes 1 + grad 4 + exp_avg 4 + exp_avg_sq 4      = 13 B
-                     write codes 1 + exp_avg 4 + exp_avg_sq 4               =  9 B   -> 22 B / param
-                     (+ 8 B per row for the scale, negligible)
-    fused AdamW on a float32 master copy (what quantized training runs today):
-                     read  master 4 + grad 4 + exp_avg 4 + exp_avg_sq 4    = 16 B
-                     write master 4 + exp_avg 4 + exp_avg_sq 4              = 12 B   -> 28 B / param
-                     and then a re-quantization of the master for the next forward (read 4, write 1).
-So at equal bandwidth the fused ECO step should take about 22/28 = 0.79 of AdamW's time, or less.
+    moments  read                                      write                                 total
+    fp32     codes 1 + grad 2 + m 4 + v 4       = 11   codes 1 + m 4 + v 4             =  9   20 B
+    bf16     codes 1 + grad 2 + m 2 + v 2       =  7   codes 1 + m 2 + v 2             =  5   12 B
+    fp8      codes 1 + grad 2 + m 1 + sqrt(v) 1 =  5   codes 1 + m 1 + sqrt(v) 1       =  3    8 B
+             plus two float32 scales per 128 values, read and written: 16 B / 128 = 0.125 B
+    (and 8 B per row for the weight's scale, negligible)
+    fused AdamW on a float32 master copy (what quantized training runs today; float32 gradients, as
+    torch's fused AdamW requires): read master 4 + grad 4 + m 4 + v 4 = 16, write 12    -> 28 B
+    and then a re-quantization of the master for the next forward (read 4, write 1).
+So at equal bandwidth the fused ECO step should take 20/28 = 0.71 of AdamW's time with float32 moments,
+12/28 = 0.43 with bfloat16 moments and 8.1/28 = 0.29 with FP8 moments.
 
-The kernel follows eco.adamw_update / eco.eco_adamw_step / quant.round_to_grid line by line, with the
-same names. Two details make it agree with the PyTorch reference exactly:
+How the moments are stored (MOMENTS, as eco.load_moments / eco.store_moments_). The kernel loads them
+to float32, runs the float32 step, ECO's injection included, and stores them back in the same pass:
+    fp32  float32, as the paper.
+    bf16  bfloat16, which is float32 with the low 16 bits cut off: loading is exact.
+    fp8   E4M3 codes of m and of sqrt(v) (sqrt halves the range of exponents 8 bits must cover), each
+          with one float32 scale per block of eco.MOMENT_BLOCK = 128 consecutive values of a row (the
+          last block of a row may be shorter). m = code * scale, v = (code * scale)^2. One program holds
+          a whole row as BLOCK values, a multiple of 128, and computes the block scales by reshaping it
+          to [BLOCK / 128, 128]: quant.quantize_blocks's reshape, in registers.
+Compressed moments are written with stochastic rounding, never to nearest. An EMA moves by (1 - beta) of
+its distance to the new value each step; when that is less than half a storage step, round-to-nearest
+puts the old value back every time, and the moment freezes: naive RTN's stall, one level down.
+Stochastic rounding keeps every update in expectation. bfloat16: add a uniform 16-bit integer to the
+float32 bit pattern and clear the low 16 bits (quant.round_to_bfloat16). FP8: exactly on the E4M3 grid
+(round_to_grid). Each row draws from three independent random streams (uniform): 0 for the weight,
+1 for exp_avg, 2 for exp_avg_sq, so no random number decides two roundings.
+
+The kernel reads function by function against the reference: small @triton.jit helpers named after the
+functions they mirror (load_moments, adamw_update; compute_scale, grid_step, round_to_grid with
+round_nearest_even or round_stochastic; store_moments_ with round_to_bfloat16 or quantize_blocks; uniform
+for the random numbers), and a kernel that calls them in ECOAdamW.step's order with the same variable
+names. Some details make it agree with the PyTorch reference bit for bit:
   * PyTorch's CPU lerp_ and addcmul_ are fused multiply-adds; we write the same tl.fma, use IEEE
-    division and sqrt (div_rn, sqrt_rn), and compile without FMA contraction elsewhere. Against the CPU
-    reference (CI, through the interpreter) codes and scales are identical. PyTorch's CUDA kernels round
-    a few of these operations differently (addcdiv, division by a scalar, where FMAs are contracted), so
-    on a GPU theta can differ from the reference in its last bit: about one RTN code in a million, sitting
-    exactly on a rounding boundary, then differs by one grid step (measured on an H100; see README).
+    division and sqrt (div_rn, sqrt_rn), and compile without FMA contraction elsewhere. Every scalar
+    (1 - lr * weight_decay, -lr / bc1, math.sqrt(bc2), ...) is computed on the host in float64 and
+    rounded once to float32, as PyTorch rounds a Python number it applies to a float32 tensor. Against
+    the CPU reference (CI, through the interpreter) codes, scales and float32 moments are identical,
+    given a correctly rounded sqrt: sqrt_rn is one, and so is PyTorch's on CUDA, but not its float32
+    sqrt on the CPU in every build (one result in five an ulp off), which moves denom, and through it
+    exp_avg, by an ulp. PyTorch's CUDA kernels round a few operations differently (division by a
+    scalar, where FMAs are contracted), so on a GPU theta can differ from the reference in its last
+    bit; a code sitting exactly on a rounding boundary then differs by one grid step (rare: about one
+    RTN code in a million).
+  * Round-to-nearest keeps the sign of zero: a negative value that rounds to 0 gets the code -0 (0x80
+    in E4M3), as torch.round and the cast to float8 give it.
   * All rounding is done in float32 arithmetic, and only values already on the FP8 grid are cast to
     float8. (Triton's interpreter, which CI uses, rounds casts to float8e4nv wrongly when the rounding
     carries into the exponent: 0.4856 became 0.25 instead of 0.5.)
-Stochastic rounding draws 24-bit uniforms from Philox (tl.randint4x: four per call) keyed by (seed, element);
-ECOAdamW derives a fresh seed from (its seed, step, tensor) so runs are reproducible.
+Stochastic rounding draws 24-bit uniforms from Philox keyed by a seed, with a counter per (row, element,
+stream) so that no two rows, and no two streams, share a random number (see uniform); ECOAdamW derives a
+fresh seed from (its seed, step, tensor), so runs are reproducible.
 
-Run `python kernels.py`: on a GPU, a correctness check and a benchmark (time per step and bandwidth
-for the fused kernel, the eager reference, the compiled reference, torch's fused AdamW on a float32
-master copy, and a plain copy of the same bytes). Without a GPU, the correctness check runs in
-Triton's interpreter and the timings are skipped.
+Run `python kernels.py`: on a GPU, a correctness check for every moments storage and a benchmark (time
+per step and bandwidth of the fused kernel, the eager reference and the compiled reference for each
+storage, each against a plain copy of the same bytes, and torch's fused AdamW on a float32 master copy).
+Without a GPU, the correctness check runs in Triton's interpreter and the timings are skipped.
 """
+import math
 import os
 import sys
 
@@ -48,13 +82,186 @@ import triton.language as tl
 import quant
 
 MAX_ROW = 16384  # longest row one program handles (rows are kept whole in registers)
+MOMENTS = ("fp32", "bf16", "fp8")  # the moments' storages the kernel handles (eco.py's, all of them)
+
+
+# -----------------------------------------------------------------------------
+# The reference's functions (eco.py, quant.py), one @triton.jit helper each, on blocks held in registers
+
+@triton.jit
+def adamw_update(weight, grad, exp_avg, exp_avg_sq, decay, lerp_weight, beta2, sq_weight, sqrt_bc2, eps, step_size):
+    """eco.adamw_update, operation for operation. Its scalar expressions arrive computed by the wrapper:
+    decay = 1 - lr * weight_decay, lerp_weight = 1 - beta1, sq_weight = 1 - beta2, sqrt_bc2 = math.sqrt(bc2),
+    step_size = -lr / bc1. Returns (theta, denom, exp_avg, exp_avg_sq)."""
+    theta = weight * decay
+    exp_avg = tl.fma(lerp_weight, grad - exp_avg, exp_avg)  # exp_avg.lerp_(grad, 1 - beta1), for beta1 > 0.5
+    exp_avg_sq = tl.fma(sq_weight * grad, grad, exp_avg_sq * beta2)  # .mul_(beta2).addcmul_(grad, grad, 1 - beta2)
+    denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), sqrt_bc2) + eps  # (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps)
+    theta = theta + tl.div_rn(step_size * exp_avg, denom)  # theta.addcdiv_(exp_avg, denom, value=-lr / bc1)
+    return theta, denom, exp_avg, exp_avg_sq
 
 
 @triton.jit
-def _eco_adamw_kernel(codes_ptr, scale_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, n_cols,
-                      lr, beta1, beta2, eps, weight_decay, bc1, bc2, alpha, seed,
+def compute_scale(x, mask, RHO: tl.constexpr):
+    """quant.compute_scale: absmax / rho over the last axis (a row, or blocks of one after a reshape),
+    never below float32's smallest normal; entries outside `mask` do not count."""
+    amax = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=-1)
+    return tl.maximum(tl.div_rn(amax, RHO), 1.1754943508222875e-38)  # clamp_min(float32 tiny)
+
+
+@triton.jit
+def grid_step(y, MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr):
+    """quant.grid_step: the grid's spacing around y, 2^(max(floor(log2|y|), MIN_EXPONENT) - MANTISSA_BITS),
+    read off y's float32 exponent bits; 1 for integer formats (MANTISSA_BITS None)."""
+    if MANTISSA_BITS is None:
+        step = tl.full(y.shape, 1.0, tl.float32)
+    else:
+        tl.static_assert(MIN_EXPONENT - MANTISSA_BITS >= -126, "the spacing must be a normal float32")
+        exponent = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        exponent = tl.maximum(exponent, MIN_EXPONENT)  # below the smallest normal the spacing stays fixed
+        step = ((exponent - MANTISSA_BITS + 127) << 23).to(tl.float32, bitcast=True)
+    return step
+
+
+@triton.jit
+def round_nearest_even(t):
+    """torch.round: the nearest integer, ties to the even one (like the hardware cast to FP8), and a zero
+    keeps t's sign: -0.3 rounds to -0.0, which becomes the FP8 code 0x80 as in the reference."""
+    lo = tl.floor(t)
+    frac = t - lo
+    odd = (lo - 2.0 * tl.floor(lo * 0.5)) == 1.0
+    k = lo + ((frac > 0.5) | ((frac == 0.5) & odd)).to(tl.float32)
+    return tl.where(k == 0.0, t * 0.0, k)  # t * 0.0: a zero with t's sign
+
+
+@triton.jit
+def round_stochastic(t, u):
+    """floor(t) + 1 with probability t - floor(t), given u uniform in [0, 1): unbiased, E = t."""
+    lo = tl.floor(t)
+    return lo + (u < t - lo).to(tl.float32)
+
+
+@triton.jit
+def round_to_grid(y, u, RHO: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr):
+    """quant.round_to_grid for any tensor y already divided by its scale: stochastic with the uniforms u,
+    or to nearest when u is None. Exact in float32; the result is a grid value, so casting it to the
+    storage dtype is exact (the only kind of cast to float8 we let the interpreter do)."""
+    y = tl.minimum(tl.maximum(y, -RHO), RHO)
+    step = grid_step(y, MANTISSA_BITS, MIN_EXPONENT)
+    t = y / step  # exact: step is a power of two. Grid points are the integers of t.
+    if u is None:
+        k = round_nearest_even(t)
+    else:
+        k = round_stochastic(t, u)
+    return k * step
+
+
+@triton.jit
+def uniform(seed, row, stream, BLOCK: tl.constexpr):
+    """BLOCK uniforms in [0, 1) for one row, 24 bits each like torch.rand, from Philox keyed by `seed`.
+
+    Philox maps a 128-bit counter (c0, c1, c2, c3) to four 32-bit random numbers, a different four for
+    every counter. Elements 4i ... 4i + 3 of row `row` take the four numbers of the counter
+        (c0, c1) = row * (BLOCK / 4) + i as one 64-bit integer,   c2 = stream,   c3 = 0,
+    with 0 <= i < BLOCK / 4, so every (row, element, stream) of a launch has its own counter: rows never
+    share random numbers, and neither do streams (0 for the weights, 1 for exp_avg, 2 for exp_avg_sq: a
+    moment rounded in the same kernel draws independently of the weights). With stream 0 this is
+    tl.randint4x(seed, row * (BLOCK / 4) + i). A launch's numbers change with its seed only, which the
+    optimizer derives from (its seed, step, tensor)."""
+    group = row.to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)  # (BLOCK/4,) one counter per 4 elements
+    c0 = group.to(tl.uint32)  # low and high 32 bits
+    c1 = (group >> 32).to(tl.uint32)
+    zero = c0 * 0
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero + stream, zero)
+    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK])  # (BLOCK,) call i fills 4i..4i+3
+    return (bits >> 8).to(tl.float32) * (1.0 / 16777216.0)  # the top 24 bits, as torch.rand
+
+
+@triton.jit
+def round_to_bfloat16(x, u):
+    """quant.round_to_bfloat16(x, "stochastic"): add a uniform 16-bit integer to x's float32 bit pattern and
+    clear the low 16 bits. The carry reaches the kept bits with probability (the cut-off part) / 2^16, so x
+    rounds away from zero with probability proportional to its distance from the lower-magnitude neighbour.
+    The integer is the top 16 of u's 24 random bits (u * 2^16 is exact). Returns float32 values on the
+    bfloat16 grid: the cast to bfloat16 is exact."""
+    noise = (u * 65536.0).to(tl.int32)  # uniform in [0, 2^16)
+    return ((x.to(tl.int32, bitcast=True) + noise) & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def dequantize_blocks(codes, scale, BLOCK: tl.constexpr, MOMENT_BLOCK: tl.constexpr):
+    """quant.dequantize_blocks: codes (BLOCK,) as float32 times their block's scale, scale (BLOCK / MOMENT_BLOCK,)."""
+    x = tl.reshape(codes, [BLOCK // MOMENT_BLOCK, MOMENT_BLOCK]) * scale[:, None]  # (blocks, MOMENT_BLOCK)
+    return tl.reshape(x, [BLOCK])
+
+
+@triton.jit
+def quantize_blocks(x, mask, u, RHO: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr,
+                    BLOCK: tl.constexpr, MOMENT_BLOCK: tl.constexpr):
+    """quant.quantize_blocks(x, fmt, MOMENT_BLOCK, "stochastic"): each block of MOMENT_BLOCK values of the row
+    quantized like a row of its own, with the uniforms u; entries outside `mask` (the zero padding of the
+    last block) do not count. Returns the codes as float32 grid values (BLOCK,) and the scales (blocks,)."""
+    tl.static_assert(BLOCK % MOMENT_BLOCK == 0, "a row must split into whole blocks")
+    x = tl.reshape(x, [BLOCK // MOMENT_BLOCK, MOMENT_BLOCK])  # (blocks, MOMENT_BLOCK)
+    scale = compute_scale(x, tl.reshape(mask, [BLOCK // MOMENT_BLOCK, MOMENT_BLOCK]), RHO)  # (blocks,)
+    codes = round_to_grid(tl.div_rn(x, scale[:, None]), tl.reshape(u, [BLOCK // MOMENT_BLOCK, MOMENT_BLOCK]),
+                          RHO, MANTISSA_BITS, MIN_EXPONENT)
+    return tl.reshape(codes, [BLOCK]), scale
+
+
+@triton.jit
+def load_moments(exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr, exp_avg_sq_scale_ptr, offs, mask, row, n_blocks,
+                 MOMENTS: tl.constexpr, BLOCK: tl.constexpr, MOMENT_BLOCK: tl.constexpr):
+    """eco.load_moments: (exp_avg, exp_avg_sq) of one row as float32, from their storage."""
+    exp_avg = tl.load(exp_avg_ptr + offs, mask=mask).to(tl.float32)  # fp32, or an exact cast
+    exp_avg_sq = tl.load(exp_avg_sq_ptr + offs, mask=mask).to(tl.float32)
+    if MOMENTS == "fp8":  # codes of m and of sqrt(v): times their block's scale
+        blocks = tl.arange(0, BLOCK // MOMENT_BLOCK)
+        block_offs, block_mask = row.to(tl.int64) * n_blocks + blocks, blocks < n_blocks
+        exp_avg = dequantize_blocks(exp_avg, tl.load(exp_avg_scale_ptr + block_offs, mask=block_mask, other=0),
+                                    BLOCK, MOMENT_BLOCK)
+        sqrt_v = dequantize_blocks(exp_avg_sq, tl.load(exp_avg_sq_scale_ptr + block_offs, mask=block_mask, other=0),
+                                   BLOCK, MOMENT_BLOCK)
+        exp_avg_sq = sqrt_v * sqrt_v
+    return exp_avg, exp_avg_sq
+
+
+@triton.jit
+def store_moments_(exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr, exp_avg_sq_scale_ptr, exp_avg, exp_avg_sq,
+                   offs, mask, row, n_blocks, seed, MOMENTS: tl.constexpr,
+                   M_RHO: tl.constexpr, M_MANTISSA_BITS: tl.constexpr, M_MIN_EXPONENT: tl.constexpr,
+                   V_RHO: tl.constexpr, V_MANTISSA_BITS: tl.constexpr, V_MIN_EXPONENT: tl.constexpr,
+                   BLOCK: tl.constexpr, MOMENT_BLOCK: tl.constexpr):
+    """eco.store_moments_: write one row's float32 moments into their storage, with stochastic rounding from
+    the streams 1 (exp_avg) and 2 (exp_avg_sq). M_* is exp_avg's FP8 format, V_* sqrt(exp_avg_sq)'s."""
+    if MOMENTS == "bf16":
+        exp_avg = round_to_bfloat16(exp_avg, uniform(seed, row, 1, BLOCK))
+        exp_avg_sq = round_to_bfloat16(exp_avg_sq, uniform(seed, row, 2, BLOCK))
+    elif MOMENTS == "fp8":
+        exp_avg, exp_avg_scale = quantize_blocks(exp_avg, mask, uniform(seed, row, 1, BLOCK),
+                                                 M_RHO, M_MANTISSA_BITS, M_MIN_EXPONENT, BLOCK, MOMENT_BLOCK)
+        exp_avg_sq, exp_avg_sq_scale = quantize_blocks(tl.sqrt_rn(exp_avg_sq), mask, uniform(seed, row, 2, BLOCK),
+                                                       V_RHO, V_MANTISSA_BITS, V_MIN_EXPONENT, BLOCK, MOMENT_BLOCK)
+        blocks = tl.arange(0, BLOCK // MOMENT_BLOCK)
+        block_offs, block_mask = row.to(tl.int64) * n_blocks + blocks, blocks < n_blocks
+        tl.store(exp_avg_scale_ptr + block_offs, exp_avg_scale, mask=block_mask)
+        tl.store(exp_avg_sq_scale_ptr + block_offs, exp_avg_sq_scale, mask=block_mask)
+    tl.store(exp_avg_ptr + offs, exp_avg.to(exp_avg_ptr.dtype.element_ty), mask=mask)  # exact: on the grid
+    tl.store(exp_avg_sq_ptr + offs, exp_avg_sq.to(exp_avg_sq_ptr.dtype.element_ty), mask=mask)
+
+
+# -----------------------------------------------------------------------------
+# The kernel: one program per row, reading like ECOAdamW.step (load_moments, eco_adamw_step, store_moments_)
+
+@triton.jit
+def _eco_adamw_kernel(codes_ptr, scale_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr,
+                      exp_avg_sq_scale_ptr, n_cols, n_blocks,
+                      decay, lerp_weight, beta2, sq_weight, sqrt_bc2, eps, step_size, alpha, seed,
                       RHO: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr,
-                      IS_FLOAT: tl.constexpr, STOCHASTIC: tl.constexpr, INJECT: tl.constexpr, BLOCK: tl.constexpr):
+                      STOCHASTIC: tl.constexpr, INJECT: tl.constexpr, MOMENTS: tl.constexpr,
+                      M_RHO: tl.constexpr, M_MANTISSA_BITS: tl.constexpr, M_MIN_EXPONENT: tl.constexpr,
+                      V_RHO: tl.constexpr, V_MANTISSA_BITS: tl.constexpr, V_MIN_EXPONENT: tl.constexpr,
+                      MOMENT_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -62,155 +269,188 @@ def _eco_adamw_kernel(codes_ptr, scale_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_pt
     # load: the stored weight (dequantized), the gradient, the two moments, all as float32
     weight = tl.load(codes_ptr + offs, mask=mask).to(tl.float32) * tl.load(scale_ptr + row)
     grad = tl.load(grad_ptr + offs, mask=mask, other=0).to(tl.float32)
-    exp_avg = tl.load(exp_avg_ptr + offs, mask=mask, other=0)
-    exp_avg_sq = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0)
+    exp_avg, exp_avg_sq = load_moments(exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr, exp_avg_sq_scale_ptr,
+                                       offs, mask, row, n_blocks, MOMENTS, BLOCK, MOMENT_BLOCK)
 
-    # eco.adamw_update
-    theta = weight * (1 - lr * weight_decay)
-    exp_avg = tl.fma(1 - beta1, grad - exp_avg, exp_avg)  # exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq = tl.fma((1 - beta2) * grad, grad, exp_avg_sq * beta2)  # .mul_(beta2).addcmul_(grad, grad, 1 - beta2)
-    denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), tl.sqrt_rn(bc2)) + eps
-    theta = theta + tl.div_rn((-lr / bc1) * exp_avg, denom)  # theta.addcdiv_(exp_avg, denom, value=-lr / bc1)
-
+    theta, denom, exp_avg, exp_avg_sq = adamw_update(weight, grad, exp_avg, exp_avg_sq,
+                                                     decay, lerp_weight, beta2, sq_weight, sqrt_bc2, eps, step_size)
     # quant.quantize: a new scale from this row's absmax, then onto the grid
-    amax = tl.max(tl.where(mask, tl.abs(theta), 0.0), axis=0)
-    scale = tl.maximum(tl.div_rn(amax, RHO), 1.1754943508222875e-38)  # clamp_min(float32 tiny)
-    y = tl.minimum(tl.maximum(tl.div_rn(theta, scale), -RHO), RHO)
-    # quant.grid_step: 2^(max(floor(log2|y|), MIN_EXPONENT) - MANTISSA_BITS), read off y's exponent bits
-    if IS_FLOAT:
-        exponent = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-        exponent = tl.maximum(exponent, MIN_EXPONENT)
-        step = ((exponent - MANTISSA_BITS + 127) << 23).to(tl.float32, bitcast=True)
-    else:
-        step = tl.full(y.shape, 1.0, tl.float32)
-    t = y / step  # exact: step is a power of two
-    lo = tl.floor(t)
-    if STOCHASTIC:
-        # One Philox call gives four 32-bit numbers: draw BLOCK/4 of them and lay the four out in column order.
-        r0, r1, r2, r3 = tl.randint4x(seed, row * (BLOCK // 4) + tl.arange(0, BLOCK // 4))
-        bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK])  # element 4i+j comes from r_j[i]
-        u = (bits >> 8).to(tl.float32) * (1.0 / 16777216.0)  # 24-bit uniform in [0, 1), like torch.rand
-        k = lo + (u < t - lo).to(tl.float32)
-    else:  # nearest, ties to even (torch.round)
-        frac = t - lo
-        odd = (lo - 2.0 * tl.floor(lo * 0.5)) == 1.0
-        k = lo + ((frac > 0.5) | ((frac == 0.5) & odd)).to(tl.float32)
-    q = k * step  # on the grid: exactly representable in the storage dtype
-    new_weight = q * scale
+    scale = compute_scale(theta, mask, RHO)
+    u = uniform(seed, row, 0, BLOCK) if STOCHASTIC else None  # stream 0: the weights; None: to nearest
+    codes = round_to_grid(tl.div_rn(theta, scale), u, RHO, MANTISSA_BITS, MIN_EXPONENT)
+    new_weight = codes * scale
 
-    # eco.eco_adamw_step: the injection
-    if INJECT:
+    if INJECT:  # eco.eco_adamw_step: the rounding error goes into the momentum
         error = theta - new_weight
         exp_avg = tl.fma(alpha * error, denom, exp_avg)  # exp_avg.addcmul_(error, denom, value=alpha)
 
-    tl.store(codes_ptr + offs, q.to(codes_ptr.dtype.element_ty), mask=mask)
+    tl.store(codes_ptr + offs, codes.to(codes_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row, scale)
-    tl.store(exp_avg_ptr + offs, exp_avg, mask=mask)
-    tl.store(exp_avg_sq_ptr + offs, exp_avg_sq, mask=mask)
+    store_moments_(exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr, exp_avg_sq_scale_ptr, exp_avg, exp_avg_sq,
+                   offs, mask, row, n_blocks, seed, MOMENTS, M_RHO, M_MANTISSA_BITS, M_MIN_EXPONENT,
+                   V_RHO, V_MANTISSA_BITS, V_MIN_EXPONENT, BLOCK, MOMENT_BLOCK)
 
 
-def eco_adamw_fused_(codes, scale, grad, exp_avg, exp_avg_sq, *, fmt, step, lr, beta1, beta2, eps,
-                     weight_decay, rounding, seed):
-    """One ECO-AdamW step on one quantized tensor, in place: codes, scale, exp_avg, exp_avg_sq.
-    Row-wise formats only (fp8_e4m3, int8): a per-tensor scale (int4) needs a pass over all rows first."""
+def eco_adamw_fused_(codes, scale, grad, exp_avg, exp_avg_sq, exp_avg_scale=None, exp_avg_sq_scale=None, *,
+                     moments="fp32", fmt, step, lr, beta1, beta2, eps, weight_decay, rounding, seed, next_lr=None):
+    """One ECO-AdamW step on one quantized tensor, in place: codes, scale and the moments in their storage.
+    The moment tensors are eco.MOMENT_KEYS[moments], in that order: exp_avg, exp_avg_sq (fp32 or bf16), or
+    for fp8 the codes of m and of sqrt(v) and their float32 block scales [..., n_blocks]. rounding is the
+    weights' ('nearest' or 'stochastic'); compressed moments are always rounded stochastically. next_lr: see
+    eco.injection_coefficient. Row-wise formats only (fp8_e4m3, int8): a per-tensor scale (int4) needs a
+    pass over all rows first. Every check runs before the launch."""
+    import eco  # here, not at the top of the file: eco imports kernels
     f = quant.get_format(fmt)
     quant.check_rounding(rounding)
+    if moments not in MOMENTS:
+        raise ValueError(f"unknown moments {moments!r}; accepted: {list(MOMENTS)}")
     if not f.per_row:
         raise ValueError(f"fmt={fmt!r} has one scale per tensor; the fused kernel accepts row-wise formats: "
                          f"{[n for n, g in quant.FORMATS.items() if g.per_row]}")
     n_cols = codes.shape[-1]
     if n_cols > MAX_ROW:
         raise ValueError(f"row length {n_cols} exceeds the fused kernel's limit of {MAX_ROW}")
-    for name, t in dict(codes=codes, scale=scale, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq).items():
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-    if codes.dtype != f.dtype or exp_avg.dtype != torch.float32 or exp_avg_sq.dtype != torch.float32:
-        raise TypeError(f"expected codes {f.dtype} and float32 moments, got {codes.dtype}, {exp_avg.dtype}, {exp_avg_sq.dtype}")
-    if grad.shape != codes.shape or grad.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"grad must be float32/bfloat16/float16 of shape {tuple(codes.shape)}, got {grad.dtype} {tuple(grad.shape)}")
     n_rows = codes.numel() // n_cols  # [E, out, in] expert banks count as E*out rows
+    m_fmt, v_fmt = (quant.FORMATS[eco.MOMENT_FP8[key]] for key in ("exp_avg", "exp_avg_sq_sqrt"))
+    moment_dtypes = dict(fp32=(torch.float32,) * 2, bf16=(torch.bfloat16,) * 2, fp8=(m_fmt.dtype, v_fmt.dtype))[moments]
+    if codes.dtype != f.dtype or scale.dtype != torch.float32 or scale.numel() != n_rows:
+        raise TypeError(f"expected codes {f.dtype} and one float32 scale per row ({n_rows}), got {codes.dtype} and "
+                        f"{scale.dtype} {tuple(scale.shape)}")
+    if (exp_avg.dtype, exp_avg_sq.dtype) != moment_dtypes:
+        raise TypeError(f"moments={moments!r} stores exp_avg, exp_avg_sq as {moment_dtypes}, got {exp_avg.dtype}, "
+                        f"{exp_avg_sq.dtype}")
+    if grad.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"grad must be float32/bfloat16/float16, got {grad.dtype}")
+    for name, t in dict(grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq).items():
+        if t.shape != codes.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected the codes' {tuple(codes.shape)}")
+    n_blocks = -(-n_cols // eco.MOMENT_BLOCK)  # fp8: scales per row
+    scales = dict(exp_avg_scale=exp_avg_scale, exp_avg_sq_scale=exp_avg_sq_scale)
+    for name, t in scales.items():
+        if moments != "fp8" and t is not None:
+            raise ValueError(f"{name} given with moments={moments!r}; block scales belong to moments='fp8'")
+        if moments == "fp8" and t is None:
+            raise ValueError(f"moments='fp8' needs {name}: one float32 scale per block of {eco.MOMENT_BLOCK} values "
+                             f"of a row, shape {(*codes.shape[:-1], n_blocks)}")
+        if moments == "fp8" and (t.dtype != torch.float32 or t.shape != (*codes.shape[:-1], n_blocks)):
+            raise TypeError(f"{name} must be float32 of shape {(*codes.shape[:-1], n_blocks)}, got {t.dtype} "
+                            f"{tuple(t.shape)}")
+    for name, t in dict(codes=codes, scale=scale, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, **scales).items():
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+
     bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
-    alpha = (1 - lr * weight_decay) * (bc1 / lr) * (1 - 1 / beta1) if lr > 0 else 0.0
-    BLOCK = max(4, triton.next_power_of_2(n_cols))
+    alpha = eco.injection_coefficient(lr, weight_decay, beta1, bc1, next_lr, 1 - beta1 ** (step + 1))
+    BLOCK = max(eco.MOMENT_BLOCK if moments == "fp8" else 4, triton.next_power_of_2(n_cols))  # fp8: whole blocks
+    # The scalars as eco.adamw_update writes them, here in float64; the kernel gets each rounded once to float32.
     _eco_adamw_kernel[(n_rows,)](
-        codes, scale, grad, exp_avg, exp_avg_sq, n_cols, lr, beta1, beta2, eps, weight_decay, bc1, bc2, alpha,
-        seed, RHO=f.max, MANTISSA_BITS=f.mantissa_bits or 0, MIN_EXPONENT=f.min_exponent or 0,
-        IS_FLOAT=f.mantissa_bits is not None, STOCHASTIC=rounding == "stochastic", INJECT=lr > 0, BLOCK=BLOCK,
-        num_warps=min(16, max(1, BLOCK // 256)), enable_fp_fusion=False)
+        codes, scale, grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale, n_cols, n_blocks,
+        1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, math.sqrt(bc2), eps, -lr / bc1, alpha, seed,
+        RHO=f.max, MANTISSA_BITS=f.mantissa_bits, MIN_EXPONENT=f.min_exponent,
+        STOCHASTIC=rounding == "stochastic", INJECT=alpha != 0.0, MOMENTS=moments,
+        M_RHO=m_fmt.max, M_MANTISSA_BITS=m_fmt.mantissa_bits, M_MIN_EXPONENT=m_fmt.min_exponent,
+        V_RHO=v_fmt.max, V_MANTISSA_BITS=v_fmt.mantissa_bits, V_MIN_EXPONENT=v_fmt.min_exponent,
+        MOMENT_BLOCK=eco.MOMENT_BLOCK, BLOCK=BLOCK, num_warps=min(16, max(1, BLOCK // 256)), enable_fp_fusion=False)
 
 
 # -----------------------------------------------------------------------------
 # Correctness check and benchmark (python kernels.py)
 
-def reference_step_(codes, scale, grad, exp_avg, exp_avg_sq, *, fmt, rounding="nearest", generator=None, **hyper):
-    """The PyTorch reference with the fused kernel's interface: eco.eco_adamw_step on the dequantized weight."""
+def reference_step_(codes, scale, grad, exp_avg, exp_avg_sq, exp_avg_scale=None, exp_avg_sq_scale=None, *,
+                    moments="fp32", fmt, rounding="nearest", generator=None, next_lr=None, **hyper):
+    """The PyTorch reference with the fused kernel's interface: the optimizer's own code path (ECOAdamW.step
+    without the kernel). Random numbers come from `generator`, not from a seed."""
     import eco  # kernels never imports eco at module level: eco imports kernels
+    tensors = (exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale)
+    state = dict(zip(eco.MOMENT_KEYS[moments], tensors))  # the optimizer state these tensors would be
+    m, v = eco.load_moments(state)  # float32
+    store = lambda theta: quant.store_(codes, scale, theta, fmt, rounding, generator)
+    eco.eco_adamw_step(quant.dequantize(codes, scale, fmt), grad, m, v, **hyper, next_lr=next_lr, quantize=store)
+    eco.store_moments_(state, m, v, generator)
 
-    def store(theta):
-        new_codes, new_scale = quant.quantize(theta, fmt, rounding, generator)
-        codes.copy_(new_codes)
-        scale.copy_(new_scale)
-        return quant.dequantize(new_codes, new_scale, fmt)
-    eco.eco_adamw_step(quant.dequantize(codes, scale, fmt), grad, exp_avg, exp_avg_sq, **hyper, quantize=store)
 
-
-def make_inputs(shape, fmt, device, grad_dtype=torch.float32, seed=0):
+def make_inputs(shape, fmt, device, grad_dtype=torch.float32, seed=0, moments="fp32"):
+    """Random kernel inputs: codes, scale, grad, and the moments as eco.MOMENT_KEYS[moments] (stored from
+    float32 moments with stochastic rounding, as the optimizer would have written them)."""
+    import eco
     g = torch.Generator(device=device).manual_seed(seed)
     w = torch.randn(shape, generator=g, device=device) * 0.02
     codes, scale = quant.quantize(w, fmt)
     grad = (torch.randn(shape, generator=g, device=device) * 1e-3).to(grad_dtype)
     exp_avg = torch.randn(shape, generator=g, device=device) * 1e-3
     exp_avg_sq = torch.rand(shape, generator=g, device=device) * 1e-6
-    return codes, scale, grad, exp_avg, exp_avg_sq
+    state = dict(exp_avg=exp_avg, exp_avg_sq=exp_avg_sq) if moments == "fp32" else eco.init_moments(exp_avg, moments)
+    eco.store_moments_(state, exp_avg, exp_avg_sq, g)  # fp32: nothing to do
+    return [codes, scale, grad, *(state[key] for key in eco.MOMENT_KEYS[moments])]
 
 
 HYPER = dict(step=10, lr=1e-3, beta1=0.9, beta2=0.98, eps=1e-9, weight_decay=0.1)
 
 
 def check(device, shape=(64, 1000)):
+    """The kernel against the reference with round-to-nearest weights, for every weight format and moments
+    storage: the share of identical codes, whether the scales are equal, and how far each one's stored moments
+    are from the float32 moments of the same step (compressed moments: the kernel's and the reference's
+    stochastic rounding draw different numbers, so the two distances should be alike, not equal)."""
+    import eco
+    rel = lambda x, y: ((x - y).norm() / y.norm()).item()
     for fmt in ("fp8_e4m3", "int8"):
-        a = make_inputs(shape, fmt, device)
-        b = [t.clone() for t in a]
-        eco_adamw_fused_(*a, fmt=fmt, **HYPER, rounding="nearest", seed=0)
-        reference_step_(*b, fmt=fmt, **HYPER)
-        same = (a[0].float() == b[0].float()).float().mean().item()
-        err = ((a[3] - b[3]).norm() / b[3].norm()).item()
-        print(f"check {fmt:9s} {tuple(shape)} RTN on {device}: codes identical {same:.6%}, scales equal "
-              f"{torch.equal(a[1], b[1])}, exp_avg rel. diff {err:.1e}")
+        for moments in MOMENTS:
+            load = lambda t: eco.load_moments(dict(zip(eco.MOMENT_KEYS[moments], t[3:])))  # float32 (m, v)
+            a = make_inputs(shape, fmt, device, moments=moments)
+            b = [t.clone() for t in a]
+            exact = [t.clone() for t in (*a[:3], *load(a))]
+            eco_adamw_fused_(*a, moments=moments, fmt=fmt, **HYPER, rounding="nearest", seed=0)
+            reference_step_(*b, moments=moments, fmt=fmt, **HYPER)
+            reference_step_(*exact, fmt=fmt, **HYPER)  # the same step with float32 moments
+            same = (a[0].float() == b[0].float()).float().mean().item()
+            (m_a, v_a), (m_b, v_b) = load(a), load(b)
+            print(f"check {fmt:9s} moments={moments:4s} {tuple(shape)} RTN on {device}: codes identical {same:.6%}, "
+                  f"scales equal {torch.equal(a[1], b[1])}; m, v vs float32: kernel {rel(m_a, exact[3]):.1e} "
+                  f"{rel(v_a, exact[4]):.1e}, reference {rel(m_b, exact[3]):.1e} {rel(v_b, exact[4]):.1e}")
 
 
 def benchmark():
-    print(f"benchmark on {torch.cuda.get_device_name()}: rows of 4096, fp8_e4m3, grad float32, median times")
+    print(f"benchmark on {torch.cuda.get_device_name()}: fp8_e4m3 weights in rows of 4096, bfloat16 gradients "
+          f"(AdamW: float32), median times")
     bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")  # ms
-    print(f"{'params':>7} {'what':<38} {'ms/step':>8} {'GB/s':>7} {'BW/copy':>8} {'time/AdamW':>10}")
+
+    def copy_ms(nbytes):  # a plain copy that reads and writes nbytes in all: the bandwidth limit
+        src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        return bench(lambda: dst.copy_(src))
+
+    print(f"{'params':>7} {'moments':<12} {'what':<34} {'ms/step':>8} {'GB/s':>7} {'BW/copy':>8} {'time/AdamW':>10}")
     for n in (1 << 20, 1 << 22, 1 << 24, 1 << 26, 1 << 28):
         shape = (n // 4096, 4096)
-        codes, scale, grad, m, v = make_inputs(shape, "fp8_e4m3", "cuda")
-        fused_bytes = n * 22  # see the docstring
-        src = torch.empty(fused_bytes // 2, dtype=torch.uint8, device="cuda")
-        dst = torch.empty_like(src)
-        rows = [("copy of the same 22 B/param (the limit)", bench(lambda: dst.copy_(src)), fused_bytes)]
-        for rounding in ("nearest", "stochastic"):
-            rows.append((f"fused ECO kernel, {rounding}", bench(lambda: eco_adamw_fused_(
-                codes, scale, grad, m, v, fmt="fp8_e4m3", **HYPER, rounding=rounding, seed=1)), fused_bytes))
-        rows.append(("eager PyTorch reference, nearest",
-                     bench(lambda: reference_step_(codes, scale, grad, m, v, fmt="fp8_e4m3", **HYPER)), fused_bytes))
-        compiled = torch.compile(reference_step_)
-        rows.append(("torch.compile(reference), nearest",
-                     bench(lambda: compiled(codes, scale, grad, m, v, fmt="fp8_e4m3", **HYPER)), fused_bytes))
-        del codes, grad, m, v, src, dst
         master = torch.nn.Parameter(torch.randn(shape, device="cuda") * 0.02)
         master.grad = torch.randn_like(master) * 1e-3
         adamw = torch.optim.AdamW([master], lr=1e-3, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.1, fused=True)
-        rows.append(("torch AdamW(fused=True), fp32 master", bench(adamw.step), n * 28))
+        adamw_ms = bench(adamw.step)
+        groups = [("fp32 master", n * 28, [("torch AdamW(fused=True)", adamw_ms)])]  # (moments, bytes, rows)
         del master, adamw
+        for moments in MOMENTS:
+            codes, scale, grad, *state = make_inputs(shape, "fp8_e4m3", "cuda", torch.bfloat16, moments=moments)
+            tensors = (codes, scale, grad, *state)
+            nbytes = 2 * sum(t.nbytes for t in tensors) - grad.nbytes  # each read and written, but grad only read
+            args = dict(moments=moments, fmt="fp8_e4m3", **HYPER)
+            rows = [(f"fused ECO kernel, {r}", bench(lambda: eco_adamw_fused_(*tensors, **args, rounding=r, seed=1)))
+                    for r in quant.ROUNDINGS]
+            rows.append(("eager PyTorch reference, nearest", bench(lambda: reference_step_(*tensors, **args))))
+            torch._dynamo.reset()  # compile afresh for each storage: no recompilation limit reached
+            compiled = torch.compile(reference_step_, dynamic=False)  # static shapes: torch.rand fails on symbolic ones
+            rows.append(("torch.compile(reference), nearest", bench(lambda: compiled(*tensors, **args))))
+            groups.append((moments, nbytes, rows))
+            del codes, scale, grad, state, tensors
         torch.cuda.empty_cache()
-        copy_bw, adamw_ms = rows[0][2] / rows[0][1], rows[-1][1]
-        for what, ms, nbytes in rows:
-            print(f"{n / 2**20:>6.0f}M {what:<38} {ms:>8.3f} {nbytes / ms / 1e6:>7.0f} {nbytes / ms / copy_bw:>8.2f} "
-                  f"{ms / adamw_ms:>10.2f}")
-    print("GB/s counts each method's own bytes (22 B/param for the ECO step, 28 for AdamW on a master copy);\n"
-          "BW/copy = that bandwidth / the copy's; time/AdamW = time per step / fused AdamW's (< 1: faster).")
+        for moments, nbytes, rows in groups:
+            copy = copy_ms(nbytes)
+            for what, ms in [(f"copy of the same {nbytes / n:.2f} B/param", copy)] + rows:
+                print(f"{n / 2**20:>6.0f}M {moments:<12} {what:<34} {ms:>8.3f} {nbytes / ms / 1e6:>7.0f} "
+                      f"{copy / ms:>8.2f} {ms / adamw_ms:>10.2f}")
+    print("GB/s counts each method's own bytes (see the docstring: 20, 12 or 8.1 B/param for the ECO step, 28 for\n"
+          "AdamW on a master copy); BW/copy = that bandwidth / a copy's of the same bytes; time/AdamW = time per\n"
+          "step / fused AdamW's (< 1: faster).")
 
 
 if __name__ == "__main__":
