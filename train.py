@@ -8,6 +8,7 @@ removal of the master copy, ECO) on Shakespeare, and report validation loss, mem
     python train.py --model=moe                  # the sparse mixture-of-experts variant
     python train.py --methods=fp32 --save_checkpoint=True --out_dir=out-pre     # pre-train in FP32, then
     python train.py --fmt=int4 --init_from=out-pre/ckpt_fp32.pt --lr=3e-4       # INT4 fine-tuning, as the paper
+    torchrun --standalone --nproc_per_node=8 train.py --preset=gpu               # data parallel, one process per GPU
 
 Every method starts from the same initial weights, sees the same batches in the same order and follows
 the same learning-rate schedule; only the optimizer's handling of the quantized weights differs (eco.py).
@@ -20,7 +21,14 @@ settings: a run is refused, naming the options, if one that changes training (al
 from the settings of the results.json or checkpoints already there; with the same settings it replaces
 the results of the methods it trains and keeps the others. --resume=True continues each method from its
 checkpoint; a method without one yet starts from step 0 (the log says so); an unreadable one stops the run.
+
+Data parallel (torchrun): every process (rank) holds the whole model and optimizer and reads grad_accum
+micro-batches of each step; gradients are averaged over the ranks and every rank takes the same step, so the
+replicas stay bit-identical (checked at each evaluation). N ranks with --grad_accum=K train the run of one
+process with --grad_accum=N*K, up to the order of float32 sums. Rank 0 prints and writes; prepare the default
+data first (python data/prepare.py): under torchrun it is only read.
 """
+import hashlib
 import json
 import math
 import os
@@ -30,6 +38,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import eco
 import quant
@@ -56,6 +65,7 @@ n_experts = GPTConfig.n_experts  # moe
 top_k = GPTConfig.top_k  # moe
 # optimisation: the paper's AdamW settings, scaled down
 batch_size = 8
+grad_accum = 1  # micro-batches per step on each rank: a step sees batch_size x grad_accum x world_size sequences
 max_steps = 3000  # many small steps: sub-grid updates are what ECO is about (see README)
 lr = 3e-3  # peak learning rate
 warmup_frac = 0.1  # warm up over the first 10% of steps ...
@@ -93,7 +103,14 @@ MODEL_KEYS = ("model", "n_layer", "n_head", "n_embd", "block_size", "n_experts",
 # Options that leave the training trajectory alone (how far it goes, what is logged, where, on what device):
 # the runs of one out_dir, a --resume included, may differ in these
 NOT_THE_RUN = ("out_dir", "resume", "stop_at", "log_interval", "sample_tokens", "device", "compile",
-               "save_checkpoint", "methods")
+               "save_checkpoint", "methods", "grad_accum", "world_size")
+# grad_accum and world_size change the run only through their product, the config's micro_batches: the same
+# micro-batches make up each step however they are split over ranks, so a run may move to more processes
+# Data parallel: torchrun starts one process per device and tells each its place; `python train.py` is rank 0 of 1
+TORCHRUN = "RANK" in os.environ
+RANK = int(os.environ.get("RANK", 0))  # this process among all of them
+LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))  # ... among those on this machine: its GPU
+WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))  # how many processes
 
 # -----------------------------------------------------------------------------
 # Options
@@ -123,6 +140,8 @@ def parse_args(argv):
             raise ValueError(f"unknown preset {overrides['preset']!r}; accepted: {list(PRESETS)}")
         config.update(PRESETS[overrides["preset"]])
     config.update(overrides)
+    config["world_size"] = WORLD_SIZE  # recorded, not an option
+    config["micro_batches"] = config["grad_accum"] * WORLD_SIZE  # per step, over all ranks
     check_ranges(config)
     for key in ("data_dir", "init_from"):  # one spelling per folder, whatever the working directory
         config[key] = config[key] and os.path.abspath(config[key])
@@ -159,6 +178,9 @@ def check_ranges(c):
     need(0 <= c["grad_clip"] < math.inf, "grad_clip", "a finite number >= 0 (0: no clipping)")
     need(c["sample_tokens"] >= 0, "sample_tokens", "an integer >= 0")
     need(0 <= c["seed"] < 2**31, "seed", "an integer in [0, 2^31)")  # get_batch's seeds must fit in 64 bits
+    need(1 <= c["micro_batches"] <= 2**12, "grad_accum", f"an integer >= 1, at most 4096 / {c['world_size']} ranks")
+    need(c["micro_batches"] == 1 or c["max_steps"] <= 2**20, "max_steps", "at most 2^20 with several micro-batches "
+         "per step (see get_batch)")
     need(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", c["device"]), "device", "auto, cpu, cuda, cuda:N or mps")
 
 
@@ -187,9 +209,12 @@ def get_lr(step, c):
 TRAIN, VAL = 0, 1  # random streams for get_batch
 
 
-def get_batch(data, step, c, dev, stream):
-    """The batch for one step is a function of (seed, stream, step) only: identical for every method."""
-    g = torch.Generator().manual_seed((c["seed"] * 2 + stream) * 2**32 + step)
+def get_batch(data, step, c, dev, stream, micro=0):
+    """Micro-batch `micro` of a step (rank r reads micro = r x grad_accum + k, k < grad_accum): identical for
+    every method and however a step's micro-batches are split over ranks. torch's CPU generator (mt19937) keeps
+    only the low 32 bits of its seed: [micro: 12 bits | step: 20 bits] (step alone when micro = 0), so seed and
+    stream do not change the batches."""
+    g = torch.Generator().manual_seed((c["seed"] * 2 + stream) * 2**32 + micro * 2**20 + step)
     ix = torch.randint(len(data) - c["block_size"] - 1, (c["batch_size"],), generator=g).tolist()
     x = torch.from_numpy(np.stack([data[i:i + c["block_size"]] for i in ix]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + c["block_size"]] for i in ix]).astype(np.int64))
@@ -249,6 +274,37 @@ def check_out_dir(c, names):
 
 
 # -----------------------------------------------------------------------------
+# Data parallel (torchrun): where the ranks talk to each other; without torchrun none of this runs
+
+def average_over_ranks_(tensors):
+    """Replace each float32 tensor by its mean over the ranks: one all-reduce of one flat buffer, not one each."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)  # a sum: gloo has no average
+    flat /= WORLD_SIZE
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
+
+
+def state_hash(model, opt):
+    """sha256 of every byte of the weights (codes, scales, float parameters) and of the optimizer state
+    (moments, master copies, step counts, the rounding generator): equal hashes, bit-identical replicas."""
+    sd, h = opt.state_dict(), hashlib.sha256()
+    optimizer_state = [v for i in sorted(sd["state"]) for v in sd["state"][i].values()]
+    for t in [*model.state_dict().values(), *optimizer_state, sd["generator"]]:
+        h.update(torch.as_tensor(t).detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_replicas(hashes, step, name):
+    """hashes: every rank's state_hash, in rank order. The ranks took the same steps on the same gradients: any
+    difference is a bug or faulty hardware, and every rank, seeing the same hashes, stops with the same error."""
+    differ = [r for r, h in enumerate(hashes) if h != hashes[0]]
+    if differ:
+        raise RuntimeError(f"{name} step {step}: the replicas drifted apart: ranks {differ} hold other weights or "
+                           f"optimizer state than rank 0 (state hashes by rank: {hashes})")
+
+
+# -----------------------------------------------------------------------------
 # Measurements
 
 def memory_bytes(model, opt):
@@ -264,14 +320,22 @@ def memory_bytes(model, opt):
 
 @torch.no_grad()
 def evaluate(model, val_data, c, dev):
+    """The mean loss of the fixed validation batches. Rank r of N evaluates batches r, r + N, ... and the sums are
+    added up: one process's result up to the order of a float64 sum."""
     model.eval()
-    losses = [model(*get_batch(val_data, i, c, dev, stream=VAL))[1].item() for i in range(c["eval_batches"])]
+    total = sum(model(*get_batch(val_data, i, c, dev, stream=VAL))[1].item()
+                for i in range(RANK, c["eval_batches"], WORLD_SIZE))
     model.train()
-    return sum(losses) / len(losses)
+    if TORCHRUN:
+        total = torch.tensor(total, dtype=torch.float64, device=dev)
+        dist.all_reduce(total)
+    return float(total) / c["eval_batches"]
 
 
 def main(argv=None):
     c = parse_args(sys.argv[1:] if argv is None else argv)
+    if RANK > 0:  # every rank computes the same numbers: rank 0 alone prints them
+        sys.stdout = open(os.devnull, "w")
     # -------------------------------------------------------------------------
     # Everything that can refuse the run, before out_dir is touched (the default data is prepared on first use)
     init_state = None
@@ -286,9 +350,9 @@ def main(argv=None):
         init_state = ckpt["model"]
     names = [method_name(short, c) for short in method_list(c)]
     earlier = check_out_dir(c, names)
-    if os.path.realpath(c["data_dir"]) == os.path.realpath(prepare.DEFAULT_DIR):
+    if os.path.realpath(c["data_dir"]) == os.path.realpath(prepare.DEFAULT_DIR) and not TORCHRUN:
         meta = prepare.prepare(prepare.DEFAULT_DIR)  # downloads and tokenizes Shakespeare once
-    else:
+    else:  # (under torchrun every rank only reads files until all have passed these checks)
         meta = prepare.load_meta(c["data_dir"])  # refuses a missing, incomplete or damaged folder
     train_data = np.memmap(os.path.join(c["data_dir"], "train.bin"), dtype=np.uint16, mode="r")
     val_data = np.memmap(os.path.join(c["data_dir"], "val.bin"), dtype=np.uint16, mode="r")
@@ -299,6 +363,12 @@ def main(argv=None):
     dev = c["device"]
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if TORCHRUN:  # data parallel: one process per GPU talking over NCCL, or CPU processes over gloo
+        dev = f"cuda:{LOCAL_RANK}" if dev.startswith("cuda") else "cpu"
+        if dev != "cpu":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend="gloo" if dev == "cpu" else "nccl")
+        dist.barrier()  # every rank has read out_dir before rank 0 writes to it
 
     # -------------------------------------------------------------------------
     # One set of initial weights for every method (fresh from the seed, or the fine-tuning checkpoint)
@@ -308,24 +378,31 @@ def main(argv=None):
     init_model = GPT(cfg)
     if init_state is None:
         init_state = init_model.state_dict()
+    split = f" ({c['world_size']} ranks x {c['grad_accum']} micro-batches)" if c["micro_batches"] > 1 else ""
     print(f"device {dev} | {init_model.num_params():,} non-embedding parameters | {c['max_steps']} steps of "
-          f"{c['batch_size'] * c['block_size']:,} tokens | methods {', '.join(names)}")
+          f"{c['batch_size'] * c['block_size'] * c['micro_batches']:,} tokens{split} | methods {', '.join(names)}")
     kept = [name for name in earlier if name not in names]
     if kept:
         print(f"keeping the results of {', '.join(kept)} from an earlier run with these settings")
 
     # -------------------------------------------------------------------------
     # Train each method from those weights; results.json after each, so a crash keeps the finished ones
-    os.makedirs(c["out_dir"], exist_ok=True)
+    if RANK == 0:  # the one rank that writes files
+        os.makedirs(c["out_dir"], exist_ok=True)
     results = {}
     for short in method_list(c):
         results[method_name(short, c)] = train_method(short, c, cfg, init_state, train_data, val_data, meta, dev)
         text = json.dumps(dict(methods={**earlier, **results}, config=c), indent=1)
-        write_atomic(os.path.join(c["out_dir"], "results.json"), lambda f: f.write(text.encode()))
+        if RANK == 0:
+            write_atomic(os.path.join(c["out_dir"], "results.json"), lambda f: f.write(text.encode()))
 
     # -------------------------------------------------------------------------
     # Report
-    report({**earlier, **results}, c)
+    if RANK == 0:
+        report({**earlier, **results}, c)
+    if TORCHRUN:
+        dist.barrier()  # leave together: a rank that tears down its connections while another works can abort
+        dist.destroy_process_group()
     return results
 
 
@@ -356,6 +433,7 @@ def train_method(short, c, cfg, init_state, train_data, val_data, meta, dev):
         opt.load_state_dict(ckpt["optimizer"])
         start, curve, moved_curve, train_time = ckpt["step"], ckpt["curve"], ckpt["moved_curve"], ckpt["train_time"]
     end, done = c["stop_at"] or c["max_steps"], start
+    tokens_per_step = c["batch_size"] * c["block_size"] * c["micro_batches"]  # every rank's micro-batches
     # The fraction of quantized weights whose stored code changes in a step. Without a master copy,
     # updates below half a grid step are lost: naive training stalls when it drops towards zero.
     qparams = [p for p in model.parameters() if eco.is_quantized(p)]
@@ -375,13 +453,24 @@ def train_method(short, c, cfg, init_state, train_data, val_data, meta, dev):
         t0 = time.perf_counter()
         for group in opt.param_groups:  # next_lr: the rate of the step after this one (injection="next_lr")
             group["lr"], group["next_lr"] = get_lr(step, c), get_lr(step + 1, c)
-        x, y = get_batch(train_data, step, c, dev, stream=TRAIN)
         try:
-            _, loss = forward(x, y)
-            loss_value = loss.item()
+            loss_value = 0.0  # the mean loss of this step's micro-batches
+            for k in range(c["grad_accum"]):
+                _, loss = forward(*get_batch(train_data, step, c, dev, TRAIN, micro=RANK * c["grad_accum"] + k))
+                loss_value += loss.item() / c["grad_accum"]
+                (loss / c["grad_accum"]).backward()  # .grad and main_grad add up: the mean over micro-batches
+            if TORCHRUN:
+                # Average the gradients over the ranks; the loss rides along, so the log shows the global mean.
+                # Not DistributedDataParallel: it averages the .grad of parameters that require grad, and the
+                # FP8/int8 codes do not (their gradient is main_grad): each rank would silently train them on its
+                # own batches. Now every rank takes the same step on the same gradient (clipped by the global norm),
+                # and stochastic rounding draws from the optimizer's generator, seeded alike on every rank: codes,
+                # scales and moments stay bit-identical without sending any weights.
+                mean_loss = torch.tensor([loss_value], device=dev)
+                average_over_ranks_([eco.grad_of(p) for p in model.parameters()] + [mean_loss])
+                loss_value = mean_loss.item()
             if not math.isfinite(loss_value):
                 raise quant.NonFiniteError(f"loss is {loss_value}")
-            loss.backward()
             eco.clip_grad_norm_(model.parameters(), c["grad_clip"])  # main_grads of quantized weights included
             codes_before = [p.detach().clone() for p in qparams]
             opt.step()
@@ -393,24 +482,28 @@ def train_method(short, c, cfg, init_state, train_data, val_data, meta, dev):
             print(f"{name}: diverged at step {step} ({err})")
             diverged = True
             break
-        if dev == "cuda":
+        if dev.startswith("cuda"):
             torch.cuda.synchronize()
         train_time += time.perf_counter() - t0  # the clock runs only for training steps
         done = step + 1
         if done % c["log_interval"] == 0 or done == end:
-            tok_s = done * c["batch_size"] * c["block_size"] / max(train_time, 1e-9)  # train_time spans resumes
+            tok_s = done * tokens_per_step / max(train_time, 1e-9)  # train_time spans resumes
             eta = (end - done) * train_time / done
             print(f"{name} step {done}/{end} | loss {loss_value:.4f} | lr {get_lr(step, c):.2e} | "
                   f"{tok_s:,.0f} tok/s | ETA {eta:.0f}s")
         if done % c["eval_interval"] == 0 or done == end:
             curve.append([done, evaluate(forward, val_data, c, dev)])
+            if TORCHRUN:  # are the replicas still bit-identical?
+                hashes = [None] * WORLD_SIZE
+                dist.all_gather_object(hashes, state_hash(model, opt))
+                check_replicas(hashes, done, name)
             if qparams:  # the mean fraction of codes moved per step since the last evaluation
                 moved_curve.append([done, moved.item() / max(moved_steps, 1)])
                 moved.zero_()
                 moved_steps = 0
             print(f"{name} step {done}: val loss {curve[-1][1]:.4f}"
                   + (f" | codes moved per step {moved_curve[-1][1]:.2%}" if qparams else ""))
-            if c["save_checkpoint"]:
+            if c["save_checkpoint"] and RANK == 0:
                 state = dict(model=model.state_dict(), optimizer=opt.state_dict(), step=done, curve=curve,
                              moved_curve=moved_curve, train_time=train_time, config=c, method=name)
                 write_atomic(ckpt_path, lambda f: torch.save(state, f))
@@ -425,9 +518,9 @@ def train_method(short, c, cfg, init_state, train_data, val_data, meta, dev):
         bytes_per_quantized_param=(mem["q_weights"] + mem["q_state"]) / max(mem["q_params"], 1),
         bytes_per_other_param=(mem["other_weights"] + mem["other_state"]) / max(mem["other_params"], 1),
         quantized_params=mem["q_params"], other_params=mem["other_params"],
-        tokens_per_s=done * c["batch_size"] * c["block_size"] / max(train_time, 1e-9),
+        tokens_per_s=done * tokens_per_step / max(train_time, 1e-9), state_hash=state_hash(model, opt),
         curve=curve, moved_curve=moved_curve, moved=moved_curve[-1][1] if moved_curve else None)
-    if c["sample_tokens"] and not diverged:
+    if c["sample_tokens"] and not diverged and RANK == 0:
         enc = prepare.load_tokenizer(os.path.join(c["data_dir"], meta["tokenizer"]))
         start_ids = torch.tensor([enc.encode_ordinary("\n")], device=dev)
         ids = model.generate(start_ids, c["sample_tokens"], top_k=50,
