@@ -551,14 +551,21 @@ def report(results, c):
         import matplotlib.pyplot as plt
     except ImportError:
         return  # the plot is optional
-    for name, r in results.items():
+    fig, (ax_loss, ax_moved) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, r in results.items():  # left: validation loss; right: the stall diagnostic of the quantized methods
         if r["curve"]:
-            plt.plot(*zip(*r["curve"]), label=name, marker=".")
-    plt.xlabel("step")
-    plt.ylabel("validation loss")
-    plt.legend()
-    write_atomic(os.path.join(c["out_dir"], "curves.png"), lambda f: plt.savefig(f, format="png", dpi=120))
-    plt.close()
+            ax_loss.plot(*zip(*r["curve"]), label=name, marker=".")
+        if r["moved_curve"]:
+            ax_moved.plot(*zip(*r["moved_curve"]), label=name, marker=".")
+        else:
+            ax_moved.plot([], [])  # keep each method's colour the same in both panels
+    ax_loss.set(xlabel="step", ylabel="validation loss")
+    ax_loss.set_ylim(top=min(r["curve"][0][1] for r in results.values() if r["curve"]) + 0.2)  # skip the start-up
+    ax_moved.set(xlabel="step", ylabel="codes moved per step", yscale="log")
+    ax_loss.legend()
+    fig.tight_layout()
+    write_atomic(os.path.join(c["out_dir"], "curves.png"), lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
 
 
 if __name__ == "__main__":
