@@ -2528,3 +2528,177 @@ def test_killed_at_random_moments_and_resumed_ends_bit_identical_to_an_uninterru
     for name in want:
         for key in ("val_loss", "curve", "moved_curve", "diverged"):
             assert got[name][key] == want[name][key], (name, key)
+
+
+# -----------------------------------------------------------------------------
+# train.py under torchrun (gloo on the CPU) and --grad_accum: N ranks x K micro-batches = one process x N*K
+
+def run_train(ranks, data_dir, out_dir, *extra):
+    """train.py in fresh processes: torchrun with that many ranks, or plain python for ranks=0. One thread per
+    process, so that the runs compared below differ only in how the micro-batches are split."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks else []
+    args = tiny_train_args(data_dir, out_dir, "--sample_tokens=0", *extra)
+    run = subprocess.run([sys.executable, *launcher, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    return run.returncode, run.stdout + run.stderr
+
+
+@pytest.fixture(scope="module")
+def two_ranks(small_data, tmp_path_factory):
+    """Every method trained by 2 ranks of 1 micro-batch each: (out_dir, log). A clean exit means that the ranks
+    held the same state_hash at every evaluation (train.py checks it there)."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    code, log = run_train(2, small_data[0], out)
+    assert code == 0, log
+    return out, log
+
+
+def test_two_ranks_train_the_run_of_one_process_with_two_micro_batches_bit_for_bit(small_data, two_ranks, tmp_path):
+    # One process adds g0/2 + g1/2, two ranks (g0 + g1)/2: halving is exact and a sum of two float32 terms does
+    # not depend on their order, so every gradient, hence every weight, moment, code and draw, is bit-identical
+    out, log = two_ranks
+    code, plain_log = run_train(0, small_data[0], tmp_path, "--grad_accum=2")
+    assert code == 0, plain_log
+    ranks, plain = json_load(out / "results.json"), json_load(tmp_path / "results.json")
+    names = ["fp32", "fp8_master_rtn", "fp8_naive_rtn", "fp8_naive_sr", "fp8_eco_rtn", "fp8_eco_sr"]
+    assert list(ranks["methods"]) == list(plain["methods"]) == names
+    for name in names:
+        for key in ("state_hash", "val_loss", "curve", "moved_curve"):
+            assert ranks["methods"][name][key] == plain["methods"][name][key], (name, key)
+    a, b = ranks["config"], plain["config"]
+    split = {k: (a[k], b[k]) for k in ("batch_size", "grad_accum", "world_size", "micro_batches")}
+    assert split == dict(batch_size=(4, 4), grad_accum=(1, 2), world_size=(2, 1), micro_batches=(2, 2))
+    assert {k for k in a if a[k] != b[k]} == {"out_dir", "grad_accum", "world_size"}  # the only differences
+    # The header counts the tokens of a whole step (2 micro-batches x 4 sequences x 16 tokens), then the split
+    assert re.search(r"^device cpu \| .* \| 6 steps of 128 tokens \(2 ranks x 1 micro-batch(es)?\) \| ", log, re.M)
+    assert re.search(r"^device cpu \| .* \| 6 steps of 128 tokens \(1 ranks? x 2 micro-batches\) \| ", plain_log, re.M)
+    # Rank 1 prints nothing: each evaluation line and each row of the table appears once, as in the plain run
+    evals = [line for line in log.splitlines() if ": val loss " in line]
+    assert evals == [line for line in plain_log.splitlines() if ": val loss " in line] and len(evals) == 2 * len(names)
+    for name in names:
+        assert len(re.findall(rf"^{name} +\d+\.\d{{4}} ", log, re.M)) == 1, name
+    assert log.count("device cpu |") == log.count("wrote ") == 1
+
+
+def test_two_ranks_of_two_micro_batches_match_one_process_of_four_to_float32_rounding(small_data, tmp_path):
+    # Four float32 terms: (g0 + g1) + (g2 + g3) over ranks, ((g0 + g1) + g2) + g3 in one process. The two orders
+    # round differently in the last bits, so masters and moments drift by float32 rounding (their state_hashes
+    # differ) and a code at a rounding boundary may go the other way: close, not bit for bit
+    code, log = run_train(2, small_data[0], tmp_path / "ranks", "--grad_accum=2", "--methods=master_rtn,eco_sr")
+    assert code == 0, log
+    code, log = run_train(0, small_data[0], tmp_path / "plain", "--grad_accum=4", "--methods=master_rtn,eco_sr")
+    assert code == 0, log
+    ranks, plain = json_load(tmp_path / "ranks" / "results.json"), json_load(tmp_path / "plain" / "results.json")
+    assert ranks["config"]["micro_batches"] == plain["config"]["micro_batches"] == 4
+    for name in ("fp8_master_rtn", "fp8_eco_sr"):
+        a, b = ranks["methods"][name], plain["methods"][name]
+        assert [s for s, _ in a["curve"]] == [s for s, _ in b["curve"]] == [3, 6]
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4), name
+        for (_, x), (_, y) in zip(a["moved_curve"], b["moved_curve"]):
+            assert x == pytest.approx(y, abs=1e-3), name
+
+
+def test_micro_batch_0_is_the_batch_of_a_plain_run_and_every_micro_batch_is_its_own(small_data):
+    c = train.parse_args(tiny_train_args(small_data[0], "unused"))
+    data = np.memmap(os.path.join(small_data[0], "train.bin"), dtype=np.uint16, mode="r")
+
+    def plain_batch(step, stream):  # the formula of a run without micro-batches, written out
+        g = torch.Generator().manual_seed((c["seed"] * 2 + stream) * 2**32 + step)
+        ix = torch.randint(len(data) - c["block_size"] - 1, (c["batch_size"],), generator=g).tolist()
+        x = np.stack([data[i:i + c["block_size"]] for i in ix]).astype(np.int64)
+        y = np.stack([data[i + 1:i + 1 + c["block_size"]] for i in ix]).astype(np.int64)
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    for step in (0, 5, 2**20 - 1):  # 2^20 - 1: the last step that train.py allows with several micro-batches
+        for stream in (train.TRAIN, train.VAL):
+            x, y = train.get_batch(data, step, c, "cpu", stream, micro=0)
+            want_x, want_y = plain_batch(step, stream)
+            assert torch.equal(x, want_x) and torch.equal(y, want_y) and x.shape == (4, 16)
+            assert torch.equal(x, train.get_batch(data, step, c, "cpu", stream)[0])  # micro=0 is the default
+            assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one token
+    # 4 steps x 4 micro-batches, the largest step included: sixteen different batches
+    batches = [train.get_batch(data, step, c, "cpu", train.TRAIN, micro=micro)[0]
+               for step in (0, 1, 5, 2**20 - 1) for micro in range(4)]
+    for i in range(len(batches)):
+        for j in range(i):
+            assert not torch.equal(batches[i], batches[j]), (i, j)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--grad_accum=0"], "--grad_accum=0 is out of range; accepted: an integer >= 1, at most 4096"),
+    (["--grad_accum=4097"], "--grad_accum=4097 is out of range; accepted: an integer >= 1, at most 4096"),
+    (["--max_steps=2000000", "--grad_accum=2"], "--max_steps=2000000 is out of range; accepted: at most 2\\^20"),
+])
+def test_parse_args_rejects_micro_batches_that_get_batch_cannot_number(argv, message):
+    # get_batch's seed holds [micro: 12 bits | step: 20 bits] in the 32 that torch's CPU generator keeps
+    with pytest.raises(ValueError, match=message):
+        train.parse_args(argv)
+    # the limits themselves are accepted, and a plain run (one micro-batch) may be as long as it likes
+    assert train.parse_args(["--grad_accum=4096", f"--max_steps={2**20}"])["micro_batches"] == 4096
+    assert train.parse_args(["--max_steps=2000000"])["micro_batches"] == 1
+
+
+@pytest.mark.parametrize("mode", ["eco", "master"])
+def test_state_hash_sees_every_byte_of_weights_scales_moments_and_the_rounding_generator(mode):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    model.quantize_("fp8_e4m3")
+    opt = eco.ECOAdamW(model.parameters(), lr=1e-2, mode=mode, rounding="stochastic", seed=3)
+    for _ in range(2):
+        idx = torch.randint(0, 32, (4, 8))
+        model(idx, idx.roll(1, dims=1))[1].backward()
+        opt.step()
+        eco.zero_grad_(model.parameters())
+    q = next(p for p in model.parameters() if eco.is_quantized(p))
+    state, rng = opt.state[q], random.Random(0)
+    targets = [("code", q), ("scale", q.scale), ("float weight", model.head.weight),
+               ("exp_avg", state["exp_avg"]), ("exp_avg_sq", state["exp_avg_sq"]),
+               ("float weight's exp_avg_sq", opt.state[model.head.weight]["exp_avg_sq"])]
+    if mode == "master":
+        targets.append(("master", state["master"]))
+    original = train.state_hash(model, opt)
+    for what, tensor in targets:
+        data = tensor.detach().reshape(-1).view(torch.uint8)  # the tensor's own bytes
+        for byte in (0, len(data) - 1, rng.randrange(len(data))):
+            bit = 1 << rng.randrange(8)
+            data[byte] ^= bit
+            assert train.state_hash(model, opt) != original, (what, byte, bit)
+            data[byte] ^= bit
+            assert train.state_hash(model, opt) == original, (what, byte, bit)
+    state["step"] += 1  # a step count
+    assert train.state_hash(model, opt) != original
+    state["step"] -= 1
+    saved = opt.generator.get_state()
+    torch.rand(1, generator=opt.generator)  # one draw of the rounding generator: the next rounding differs
+    assert train.state_hash(model, opt) != original
+    opt.generator.set_state(saved)
+    assert train.state_hash(model, opt) == original
+
+
+def test_a_replica_that_drifted_apart_is_named_with_the_method_and_step():
+    with pytest.raises(RuntimeError, match=r"^fp8_eco_sr step 6: the replicas drifted apart: ranks \[1, 3\] ") as error:
+        train.check_replicas(["aa", "bb", "aa", "cc"], 6, "fp8_eco_sr")
+    assert "['aa', 'bb', 'aa', 'cc']" in str(error.value)  # every rank's hash, for the bug report
+    assert train.check_replicas(["aa"] * 4, 6, "fp8_eco_sr") is None
+    assert train.check_replicas(["aa"], 6, "fp8_eco_sr") is None  # one process: nothing to compare
+
+
+def test_a_run_that_changes_the_micro_batches_is_refused_on_every_rank(small_data, two_ranks):
+    out, _ = two_ranks
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def check(*extra):
+        c = train.parse_args(tiny_train_args(small_data[0], out, *extra))
+        return train.check_out_dir(c, [train.method_name(m, c) for m in train.method_list(c)])
+
+    # 1 process x 2 micro-batches is the same run: its results are those of the two ranks
+    assert list(check("--grad_accum=2")) == ["fp32", "fp8_master_rtn", "fp8_naive_rtn", "fp8_naive_sr",
+                                             "fp8_eco_rtn", "fp8_eco_sr"]
+    with pytest.raises(ValueError, match="results.json comes from a run with other settings: micro_batches=2 there, 1 now"):
+        check()
+    # Under torchrun every rank reads out_dir and refuses before the ranks connect: the launcher stops the others
+    # at the first failure and returns (the timeout would catch a hang); out_dir is left as it was
+    code, log = run_train(2, small_data[0], out, "--lr=0.001")
+    assert code != 0
+    assert "ValueError: " in log and "comes from a run with other settings: lr=0.003 there, 0.001 now" in log, log
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

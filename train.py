@@ -561,7 +561,9 @@ def report(results, c):
             ax_moved.plot([], [])  # keep each method's colour the same in both panels
     ax_loss.set(xlabel="step", ylabel="validation loss")
     ax_loss.set_ylim(top=min(r["curve"][0][1] for r in results.values() if r["curve"]) + 0.2)  # skip the start-up
-    ax_moved.set(xlabel="step", ylabel="codes moved per step", yscale="log")
+    ax_moved.set(xlabel="step", ylabel="codes moved per step")
+    if any(moved > 0 for r in results.values() for _, moved in r["moved_curve"]):
+        ax_moved.set_yscale("log")  # the stalled methods sit an order of magnitude below the others
     ax_loss.legend()
     fig.tight_layout()
     write_atomic(os.path.join(c["out_dir"], "curves.png"), lambda f: fig.savefig(f, format="png", dpi=110))
