@@ -61,7 +61,7 @@ Tensors with fewer than 4096 elements (norm gains) keep float32 moments, as 8-bi
 
 eco_adamw_step is the math for one tensor (and the oracle for kernels.py); ECOAdamW is bookkeeping
 around it. `python eco.py` shows the theory on a quadratic
-and the schedule rules on least squares (about four minutes on a CPU). Test: python -m pytest -q test_eco.py
+and the schedule rules on least squares (about two minutes on a CPU). Test: python -m pytest -q test_eco.py
 """
 import functools
 import math
