@@ -52,7 +52,9 @@ ECOAdamW(moments=...) stores them between steps as
     fp32  float32 (the paper; 8 bytes per parameter)
     bf16  bfloat16, written back with stochastic rounding (4 bytes)
     fp8   FP8 E4M3 codes with one float32 scale per block of 128 values of a row; v is stored as sqrt(v),
-          which halves the range of exponents 8 bits must cover (about 2.06 bytes with the scales)
+          which halves the range of exponents 8 bits must cover (2 bytes, plus 8 bytes of scales per
+          block: 0.0625 B per parameter for rows that are multiples of 128, more for shorter rows); a
+          positive sqrt(v) is never stored as 0, which would leave m / eps as the next step
 Each step loads them to float32, runs the unchanged float32 math above (injection included) and stores
 them back. Round-to-nearest would be wrong there: an EMA moves by (1 - beta) of the gap each step, and a
 change smaller than half a storage step would be rounded away every time; the moment would freeze, which
@@ -190,6 +192,9 @@ def store_moments_(state, exp_avg, exp_avg_sq, generator):
     elif kind == "fp8":
         for key, x in (("exp_avg", exp_avg), ("exp_avg_sq_sqrt", exp_avg_sq.sqrt())):
             codes, scale = quant.quantize_blocks(x, MOMENT_FP8[key], MOMENT_BLOCK, "stochastic", generator)
+            if key == "exp_avg_sq_sqrt":  # a positive sqrt(v) stored as 0 would leave m / eps as the next step
+                smallest = quant.grid_step(torch.zeros((), device=x.device), quant.FORMATS[MOMENT_FP8[key]])
+                codes = torch.where((codes.float() == 0) & (x > 0), smallest.to(codes.dtype), codes)
             state[key].copy_(codes)
             state[key + "_scale"].copy_(scale)
 
@@ -269,8 +274,11 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
         _check_choice("injection", injection, INJECTIONS)
         super().__init__(params, defaults)
         self.mode, self.rounding, self.seed, self.injection = mode, rounding, seed, injection
-        qparams = [p for p in self._params() if is_quantized(p)]
-        device = qparams[0].device if qparams else torch.device("cpu")
+        devices = {p.device for p in self._params()}
+        if len(devices) > 1:
+            raise ValueError(f"parameters on several devices {sorted(map(str, devices))}; accepted: one device "
+                             "(one stochastic-rounding generator draws for all of them)")
+        device = devices.pop() if devices else torch.device("cpu")
         self.generator = torch.Generator(device=device).manual_seed(seed)  # stochastic rounding
 
     def _params(self):
@@ -360,11 +368,11 @@ class ECOAdamW(_QuantizedOptimizer):
         self._check_group(defaults, mode)
         super().__init__(params, defaults, mode, rounding, seed, injection)
         # fused: the ECO step of row-scaled weights runs as one Triton kernel (kernels.py) on CUDA
-        self.fused_step, self.fused_moments = None, ()
+        self.fused_step, self.fused_moments, self.fused_max_row = None, (), 0
         if fused is not False and torch.cuda.is_available() and all(p.is_cuda for p in self._params() if is_quantized(p)):
             try:
                 import kernels  # imports triton
-                self.fused_step, self.fused_moments = kernels.eco_adamw_fused_, kernels.MOMENTS
+                self.fused_step, self.fused_moments, self.fused_max_row = kernels.eco_adamw_fused_, kernels.MOMENTS, kernels.MAX_ROW
             except ImportError:
                 pass
         if fused and self.fused_step is None:
@@ -388,8 +396,9 @@ class ECOAdamW(_QuantizedOptimizer):
             shapes["master"] = (torch.float32, tuple(p.shape))
         return shapes
 
-    def _fusable(self, p, state):
-        return self.fused and self.mode == "eco" and quant.FORMATS[p.fmt].per_row and stored_moments(state) in self.fused_moments
+    def _fusable(self, p, state):  # what the kernel handles; anything else takes the reference path
+        return (self.fused and self.mode == "eco" and quant.FORMATS[p.fmt].per_row and p.shape[-1] <= self.fused_max_row
+                and stored_moments(state) in self.fused_moments)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -240,8 +240,11 @@ def store_moments_(exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr, exp_avg_sq_sc
     elif MOMENTS == "fp8":
         exp_avg, exp_avg_scale = quantize_blocks(exp_avg, mask, uniform(seed, row, 1, BLOCK),
                                                  M_RHO, M_MANTISSA_BITS, M_MIN_EXPONENT, BLOCK, MOMENT_BLOCK)
-        exp_avg_sq, exp_avg_sq_scale = quantize_blocks(tl.sqrt_rn(exp_avg_sq), mask, uniform(seed, row, 2, BLOCK),
+        sqrt_v = tl.sqrt_rn(exp_avg_sq)
+        exp_avg_sq, exp_avg_sq_scale = quantize_blocks(sqrt_v, mask, uniform(seed, row, 2, BLOCK),
                                                        V_RHO, V_MANTISSA_BITS, V_MIN_EXPONENT, BLOCK, MOMENT_BLOCK)
+        smallest = grid_step(sqrt_v * 0.0, V_MANTISSA_BITS, V_MIN_EXPONENT)  # the smallest positive code
+        exp_avg_sq = tl.where((exp_avg_sq == 0) & (sqrt_v > 0), smallest, exp_avg_sq)  # never a positive as 0
         blocks = tl.arange(0, BLOCK // MOMENT_BLOCK)
         block_offs, block_mask = row.to(tl.int64) * n_blocks + blocks, blocks < n_blocks
         tl.store(exp_avg_scale_ptr + block_offs, exp_avg_scale, mask=block_mask)

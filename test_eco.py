@@ -1051,6 +1051,36 @@ def test_compressed_moments_train_in_every_mode_and_resume_bit_identically(momen
         assert torch.equal(a.float(), b.float()), name
 
 
+def test_fp8_moments_never_store_a_positive_sqrt_v_as_zero():
+    """One large gradient per row and tiny ones elsewhere: sqrt(v) of the tiny ones falls below the block's
+    smallest FP8 step. Stored as 0, a later step with no gradient would be m / eps: thousands of lr."""
+    g = torch.Generator().manual_seed(0)
+    steps = {}
+    for moments in ("fp32", "fp8"):
+        p = nn.Parameter(torch.zeros(32, 128))
+        opt = eco.ECOAdamW([p], lr=1e-3, betas=(0.9, 0.98), eps=1e-9, moments=moments, seed=0)
+        grad = torch.full((32, 128), 3e-6)
+        grad[:, 0] = 1.0
+        for _ in range(20):
+            p.grad = grad * torch.randn(32, 128, generator=g).sign()
+            opt.step()
+        before = p.detach().clone()
+        p.grad = torch.zeros(32, 128)  # a step with no gradient: the update is m / (sqrt(v) + eps) alone
+        opt.step()
+        steps[moments] = ((p.detach() - before).abs().max() / 1e-3).item()
+        if moments == "fp8":
+            state = opt.state[p]
+            sqrt_v = quant.dequantize_blocks(state["exp_avg_sq_sqrt"], state["exp_avg_sq_sqrt_scale"], "fp8_e4m3", 128)
+            assert (sqrt_v > 0).all()
+    assert steps["fp32"] < 1.5 and steps["fp8"] < 3 * steps["fp32"], steps
+
+
+def test_parameters_on_several_devices_are_refused():
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, device="meta"))
+    with pytest.raises(ValueError, match="several devices"):
+        eco.ECOAdamW([a, b])
+
+
 def test_load_state_dict_refuses_another_mode_class_moments_or_shape():
     model, opt = compressed_model_and_opt("fp32", "master")
     train_compressed(model, opt, 2, seed=0)
