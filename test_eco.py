@@ -2015,6 +2015,9 @@ def test_the_same_input_again_returns_the_folder_without_rewriting_it(prepared, 
     copy.write_bytes(src.read_bytes())  # the source is its content: the same bytes elsewhere are the same source
     assert prepare.prepare(str(out), str(src), vocab_size=300) == meta
     assert prepare.prepare(str(out), str(copy), vocab_size=300) == meta
+    assert prepare.prepare(str(out), str(src)) == meta, "no vocab_size asked: the folder's is taken"
+    with pytest.raises(ValueError, match="BPE of 300 tokens, not 400"):  # asked for another one: refused
+        prepare.prepare(str(out), str(src), vocab_size=400)
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()} == stats
 
 

@@ -2,12 +2,13 @@
 Train the same tiny GPT with each method side by side (full precision, FP8 master weights, naive
 removal of the master copy, ECO) on Shakespeare, and report validation loss, memory and speed.
 
-    python train.py                              # all six methods, about 7 minutes on a 2-core CPU
-    python train.py --methods=master_rtn,eco_sr  # a subset
-    python train.py --preset=gpu                 # ~30M non-embedding parameters, for one GPU
-    python train.py --model=moe                  # the sparse mixture-of-experts variant
+    python train.py                                        # all six methods, about 7 minutes on a 2-core CPU
+    python train.py --methods=master_rtn,eco_sr            # a subset (into the same out/: same settings)
+    python train.py --preset=gpu --out_dir=out-gpu         # ~30M non-embedding parameters, for one GPU
+    python train.py --model=moe --out_dir=out-moe          # the sparse mixture-of-experts variant
+    python train.py --moments=fp8 --out_dir=out-fp8        # AdamW's moments in FP8 (eco.py)
     python train.py --methods=fp32 --save_checkpoint=True --out_dir=out-pre     # pre-train in FP32, then
-    python train.py --fmt=int4 --init_from=out-pre/ckpt_fp32.pt --lr=3e-4       # INT4 fine-tuning, as the paper
+    python train.py --fmt=int4 --init_from=out-pre/ckpt_fp32.pt --lr=3e-4 --out_dir=out-int4  # INT4 fine-tuning
     torchrun --standalone --nproc_per_node=8 train.py --preset=gpu               # data parallel, one process per GPU
 
 Every method starts from the same initial weights, sees the same batches in the same order and follows
@@ -19,7 +20,8 @@ at every evaluation) and curves.png. Each is written under a temporary name, flu
 over the old one, so a crash at any moment leaves the previous complete file. An out_dir holds one run's
 settings: a run is refused, naming the options, if one that changes training (all but NOT_THE_RUN) differs
 from the settings of the results.json or checkpoints already there; with the same settings it replaces
-the results of the methods it trains and keeps the others. --resume=True continues each method from its
+the results of the methods it trains and keeps the others (the table notes a kept one that stopped at
+another step). --resume=True continues each method from its
 checkpoint; a method without one yet starts from step 0 (the log says so); an unreadable one stops the run.
 
 Data parallel (torchrun): every process (rank) holds the whole model and optimizer and reads grad_accum
@@ -532,14 +534,19 @@ def train_method(short, c, cfg, init_state, train_data, val_data, meta, dev):
 
 def report(results, c):
     baseline = next((n for n in results if n.endswith("master_rtn")), None)
+    last_step = lambda r: r["curve"][-1][0] if r["curve"] else None  # rows kept from a run stopped elsewhere
     print(f"\n{'method':<17}{'val loss':>9}{'vs master':>11}{'B/param':>9}{'B/qparam':>10}{'B/other':>9}{'tok/s':>9}"
           f"{'moved':>8}")
     for name, r in results.items():
-        delta = r["val_loss"] - results[baseline]["val_loss"] if baseline else float("nan")
+        same_step = baseline and last_step(r) == last_step(results[baseline])
+        delta = r["val_loss"] - results[baseline]["val_loss"] if same_step else float("nan")
         loss = "diverged" if r["diverged"] else f"{r['val_loss']:.4f}"
         moved = "-" if r["moved"] is None else f"{r['moved']:.1%}"
         print(f"{name:<17}{loss:>9}{delta:>+11.4f}{r['bytes_per_param']:>9.2f}{r['bytes_per_quantized_param']:>10.2f}"
               f"{r['bytes_per_other_param']:>9.2f}{r['tokens_per_s']:>9,.0f}{moved:>8}")
+    elsewhere = [f"{n} (step {last_step(r)})" for n, r in results.items() if last_step(r) != (c["stop_at"] or c["max_steps"])]
+    if elsewhere:
+        print(f"note: stopped at another step than {c['stop_at'] or c['max_steps']}: {', '.join(elsewhere)}")
     print("B/param: weights + scales + master copy + optimizer moments per parameter (all, quantized, the rest)")
     print("moved: quantized weights whose stored code changed, per step, mean over the last evaluation interval")
     print(f"wrote {os.path.join(c['out_dir'], 'results.json')}")

@@ -339,10 +339,11 @@ def write_files(out_dir, files):
                 os.remove(tmp)
 
 
-def prepare(out_dir, input_path=None, vocab_size=2048, force=False):
+def prepare(out_dir, input_path=None, vocab_size=None, force=False):
     """Prepares out_dir from the Shakespeare download (input_path None) or a local text file and
-    returns its meta. A complete folder from the same source is returned as it is (vocab_size only
-    applies when building); a folder from another source, or one that this script cannot vouch for,
+    returns its meta. A complete folder from the same source is returned as it is (vocab_size None: any
+    BPE size, 2048 when building; another size than the folder's is refused); a folder from another source,
+    or one that this script cannot vouch for,
     is refused with a ValueError unless force=True. Nothing in out_dir changes before every new file
     is built."""
     if input_path is None:
@@ -361,8 +362,9 @@ def prepare(out_dir, input_path=None, vocab_size=2048, force=False):
             print(f"{e}\nrebuilding it from the same source")
         else:
             print(f"{out_dir} is already prepared from {describe(meta['source'])}: every file checked")
-            if meta["bpe_size"] != vocab_size:
-                print(f"(its BPE has {meta['bpe_size']} tokens, not {vocab_size}: add --force to rebuild it)")
+            if vocab_size is not None and meta["bpe_size"] != vocab_size:
+                raise ValueError(f"{out_dir} has a BPE of {meta['bpe_size']} tokens, not {vocab_size}; choose another "
+                                 f"--out_dir, or rebuild it: {how_to_prepare(out_dir, wanted, force=True)}")
             return meta
     elif not force:
         ours = [name for name in FILES if os.path.exists(os.path.join(out_dir, name))]
@@ -377,6 +379,7 @@ def prepare(out_dir, input_path=None, vocab_size=2048, force=False):
     else:
         train_text, val_text = split_text(text)
         source = dict(wanted, validation="the last 10% of the characters")
+    vocab_size = vocab_size or 2048
     print(f"training a byte-level BPE with {vocab_size} tokens on {len(train_text):,} characters...")
     ranks = train_bpe(train_text, vocab_size)
     enc = make_encoding(ranks)
@@ -401,7 +404,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", help="a local UTF-8 text file instead of the Shakespeare download")
     parser.add_argument("--out_dir", default=DEFAULT_DIR)
-    parser.add_argument("--vocab_size", type=int, default=2048)
+    parser.add_argument("--vocab_size", type=int, help="BPE tokens (default 2048)")
     parser.add_argument("--force", action="store_true", help="replace out_dir even if it holds another data set")
     args = parser.parse_args()
     try:
