@@ -13,7 +13,8 @@ The formats (FORMATS below):
               uniform: between 2^k and 2^(k+1) there are 8 points, spaced 2^(k-3); below 2^-6 the
               subnormals are spaced 2^-9. Stored as torch.float8_e4m3fn: 1 byte per value.
     fp8_e5m2  FP8 with 5 exponent and 2 mantissa bits, rho = 57344: coarser (4 points per binade) but a
-              wider range (subnormals spaced 2^-16). Stored as torch.float8_e5m2. Used for moments.
+              wider range (subnormals spaced 2^-16). Stored as torch.float8_e5m2 (eco.MOMENT_FP8 can
+              store moments in it; E4M3 measured better).
     int8      integers in [-127, 127], one scale per row. Stored as torch.int8.
     int4      integers in [-7, 7], one scale per tensor (the paper's fine-tuning setting). Stored one
               value per byte in torch.int8 (a real kernel would pack two per byte).

@@ -852,6 +852,11 @@ def test_next_lr_rule_equals_the_papers_at_a_constant_lr():
         paper = eco.injection_coefficient(lr, wd, beta)
         assert eco.injection_coefficient(lr, wd, beta, next_lr=lr, next_bc=1.0) == pytest.approx(paper, rel=1e-12)
         assert paper < 0
+        for step in (1, 5, 30):  # AdamW: the bias corrections of this step and the next cancel to 1 - 1/beta
+            bc, next_bc = 1 - beta ** step, 1 - beta ** (step + 1)
+            next_rule = eco.injection_coefficient(lr, wd, beta, bc, next_lr=lr, next_bc=next_bc)
+            assert next_rule == pytest.approx((1 - lr * wd) * (1 - 1 / beta) / lr, rel=1e-9)
+            assert next_rule == pytest.approx(eco.injection_coefficient(lr, wd, beta, bc) / bc, rel=1e-9)
     runs = {}
     for injection in eco.INJECTIONS:  # ECOSGD with a constant lr: the two rules give the same codes
         w = quant.QuantizedWeight((4, 64), "int8").set_float_(torch.randn(4, 64, generator=torch.Generator().manual_seed(0)))
