@@ -371,16 +371,19 @@ class ECOAdamW(_QuantizedOptimizer):
         self._check_group(defaults, mode)
         super().__init__(params, defaults, mode, rounding, seed, injection)
         # fused: the ECO step of row-scaled weights runs as one Triton kernel (kernels.py) on CUDA
-        self.fused_step, self.fused_moments, self.fused_max_row = None, (), 0
+        self.kernels = None
         if fused is not False and torch.cuda.is_available() and all(p.is_cuda for p in self._params() if is_quantized(p)):
             try:
                 import kernels  # imports triton
-                self.fused_step, self.fused_moments, self.fused_max_row = kernels.eco_adamw_fused_, kernels.MOMENTS, kernels.MAX_ROW
+                self.kernels = kernels
             except ImportError:
                 pass
-        if fused and self.fused_step is None:
+        if fused and self.kernels is None:
             raise ValueError("fused=True needs the quantized parameters on CUDA and triton installed; use fused=False")
-        self.fused = self.fused_step is not None
+
+    @property
+    def fused(self):
+        return self.kernels is not None
 
     def _check_group(self, group, mode):
         betas = group["betas"]
@@ -400,8 +403,8 @@ class ECOAdamW(_QuantizedOptimizer):
         return shapes
 
     def _fusable(self, p, state):  # what the kernel handles; anything else takes the reference path
-        return (self.fused and self.mode == "eco" and quant.FORMATS[p.fmt].per_row and p.shape[-1] <= self.fused_max_row
-                and stored_moments(state) in self.fused_moments)
+        return (self.fused and self.mode == "eco" and quant.FORMATS[p.fmt].per_row
+                and p.shape[-1] <= self.kernels.MAX_ROW and stored_moments(state) in self.kernels.MOMENTS)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -423,9 +426,9 @@ class ECOAdamW(_QuantizedOptimizer):
             next_lr = group["next_lr"] if self.injection == "next_lr" else None
             if is_quantized(p) and self._fusable(p, state):  # eco as one GPU kernel, moments included
                 kind = stored_moments(state)
-                self.fused_step(p, p.scale, grad, *(state[k] for k in MOMENT_KEYS[kind]), moments=kind, **hyper,
-                                next_lr=next_lr, fmt=p.fmt, rounding=self.rounding,
-                                seed=kernel_seed(self.seed, state["step"], index))
+                self.kernels.eco_adamw_fused_(p, p.scale, grad, *(state[k] for k in MOMENT_KEYS[kind]), moments=kind,
+                                              **hyper, next_lr=next_lr, fmt=p.fmt, rounding=self.rounding,
+                                              seed=kernel_seed(self.seed, state["step"], index))
                 continue
             m, v = load_moments(state)  # float32
             if not is_quantized(p):  # embeddings, norms, head: plain AdamW

@@ -1884,7 +1884,7 @@ def test_ecoadamw_fused_call_reaches_the_kernel_with_every_moments_storage(momen
         opt = eco.ECOAdamW([w.weight], lr=1e-3, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.1, rounding="nearest",
                            moments=moments, fused=False)
         if fused:  # what ECOAdamW sets up on CUDA
-            opt.fused_step, opt.fused_moments, opt.fused = kernels.eco_adamw_fused_, kernels.MOMENTS, True
+            opt.kernels = kernels
         w.weight.main_grad = grad.to(KERNEL_DEVICE)
         opt.step()
         steps[fused] = w.weight.clone(), w.scale.clone(), opt.state[w.weight]
