@@ -2469,9 +2469,9 @@ def test_a_write_that_fails_midway_leaves_the_previous_checkpoint_loadable(stopp
         raise KeyboardInterrupt("killed")
 
     with pytest.raises(KeyboardInterrupt):
-        train.write_atomic(str(path), killed_while_writing)
+        prepare.write_atomic(str(path), killed_while_writing)
     assert path.read_bytes() == old and train.read_checkpoint(str(path))["step"] == 3
-    train.write_atomic(str(path), lambda f: f.write(b"new"))  # the next write replaces the leftover .tmp
+    prepare.write_atomic(str(path), lambda f: f.write(b"new"))  # and nothing is left behind to get in the way
     assert path.read_bytes() == b"new" and not os.path.exists(str(path) + ".tmp")
 
 

@@ -226,16 +226,6 @@ def get_batch(data, step, c, dev, stream, micro=0):
 # -----------------------------------------------------------------------------
 # Files: written so that a crash never leaves half of one; read back with errors that name them
 
-def write_atomic(path, write):
-    """write(f) into path + ".tmp", flush it to disk, then rename it over path: a crash at any moment leaves
-    the old file or the new one at path, never a part of one (a failed write leaves a .tmp, replaced next time)."""
-    with open(path + ".tmp", "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-
-
 def read_checkpoint(path, map_location="cpu"):
     if not os.path.exists(path):
         raise ValueError(f"no checkpoint at {path}")
@@ -396,7 +386,7 @@ def main(argv=None):
         results[method_name(short, c)] = train_method(short, c, cfg, init_state, train_data, val_data, meta, dev)
         text = json.dumps(dict(methods={**earlier, **results}, config=c), indent=1)
         if RANK == 0:
-            write_atomic(os.path.join(c["out_dir"], "results.json"), lambda f: f.write(text.encode()))
+            prepare.write_atomic(os.path.join(c["out_dir"], "results.json"), lambda f: f.write(text.encode()))
 
     # -------------------------------------------------------------------------
     # Report
@@ -508,7 +498,7 @@ def train_method(short, c, cfg, init_state, train_data, val_data, meta, dev):
             if c["save_checkpoint"] and RANK == 0:
                 state = dict(model=model.state_dict(), optimizer=opt.state_dict(), step=done, curve=curve,
                              moved_curve=moved_curve, train_time=train_time, config=c, method=name)
-                write_atomic(ckpt_path, lambda f: torch.save(state, f))
+                prepare.write_atomic(ckpt_path, lambda f: torch.save(state, f))
 
     # -------------------------------------------------------------------------
     # This method's results
@@ -573,7 +563,7 @@ def report(results, c):
         ax_moved.set_yscale("log")  # the stalled methods sit an order of magnitude below the others
     ax_loss.legend()
     fig.tight_layout()
-    write_atomic(os.path.join(c["out_dir"], "curves.png"), lambda f: fig.savefig(f, format="png", dpi=110))
+    prepare.write_atomic(os.path.join(c["out_dir"], "curves.png"), lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
 
 

@@ -318,19 +318,37 @@ def is_complete(out_dir):
 # -----------------------------------------------------------------------------
 # Building a folder: everything in memory first, then temporary files moved into place
 
-def write_files(out_dir, files):
-    """Writes {name: bytes} to temporary names in out_dir, then moves each into place, in order."""
+def write_temp(path, write):
+    """write(f) into a new temporary file beside path, flushed to disk and given the permissions open() would
+    give (mkstemp creates 0600); returns its name. If write fails the temporary file is removed."""
     umask = os.umask(0)  # the only way to read the umask is to set it; put it back at once
     os.umask(umask)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file
+        os.chmod(tmp, 0o666 & ~umask)
+    except BaseException:
+        os.remove(tmp)
+        raise
+    return tmp
+
+
+def write_atomic(path, write):
+    """write(f) into a temporary file, then rename it over path: a crash at any moment leaves the old file or
+    the new one at path, never a part of one. train.py writes its checkpoints and results this way."""
+    os.replace(write_temp(path, write), path)
+
+
+def write_files(out_dir, files):
+    """Writes {name: bytes} to temporary names in out_dir, then moves each into place, in order: until the
+    first rename the folder is the old one, whole."""
     temps = {}
     try:
         for name, data in files.items():
-            fd, temps[name] = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file
-            os.chmod(temps[name], 0o666 & ~umask)  # mkstemp creates 0600; give the permissions open() would
+            temps[name] = write_temp(os.path.join(out_dir, name), lambda f, data=data: f.write(data))
         for name, tmp in temps.items():
             os.replace(tmp, os.path.join(out_dir, name))
     finally:
