@@ -309,10 +309,11 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
                 if grad is not None:
                     work.append((group, index, p, grad))
                 index += 1
-        if work:  # one host sync for all tensors: NaN/Inf, or |g| so large that g*g overflows
-            bad = torch.stack([~torch.isfinite(g).all() | (g.abs().amax() > GRAD_LIMIT) for *_, g in work])
+        checked = [(p, g) for _, _, p, g in work if g.numel()]
+        if checked:  # one reduction per tensor, one host sync: NaN/Inf, or |g| so large that g*g overflows
+            bad = torch.stack([~(g.abs().amax() <= GRAD_LIMIT) for _, g in checked])  # NaN compares False
             if bad.any():
-                shapes = [tuple(p.shape) for (_, _, p, _), b in zip(work, bad.tolist()) if b]
+                shapes = [tuple(p.shape) for (p, _), b in zip(checked, bad.tolist()) if b]
                 raise quant.NonFiniteError(f"non-finite gradient (or |g| > {GRAD_LIMIT:.3g}, whose square overflows "
                                            f"float32) in parameters of shapes {shapes}; nothing was updated")
         return work
