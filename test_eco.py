@@ -1056,6 +1056,28 @@ def test_compressed_moments_train_in_every_mode_and_resume_bit_identically(momen
         assert torch.equal(a.float(), b.float()), name
 
 
+@pytest.mark.parametrize("moments", ["bf16", "fp8"])
+def test_stored_moments_load_back_as_a_grid_neighbour_of_what_was_stored(moments):
+    """eco.store_moments_ then eco.load_moments, on the CPU (no kernel needed): m loads as a storage-grid
+    neighbour of the m stored, and v as the square of a neighbour of sqrt(v) (fp8 keeps sqrt(v)) or as a
+    neighbour of v (bf16). A load that forgot to square sqrt(v) fails here whether or not triton is installed."""
+    g = torch.Generator().manual_seed(7)
+    m = torch.randn(4, 300, generator=g) * 1e-3
+    v = torch.rand(4, 300, generator=g) * 1e-6
+    state = eco.init_moments(m, moments)
+    eco.store_moments_(state, m, v, g)
+    m_loaded, v_loaded = eco.load_moments(state)
+    assert m_loaded.dtype == v_loaded.dtype == torch.float32
+    lo, hi = storage_neighbours(m, moments)
+    assert ((m_loaded == lo) | (m_loaded == hi)).all()
+    if moments == "fp8":
+        lo, hi = storage_neighbours(v.sqrt(), moments)
+        assert ((v_loaded == lo * lo) | (v_loaded == hi * hi)).all(), "v is the square of the stored sqrt(v)"
+    else:
+        lo, hi = storage_neighbours(v, moments)
+        assert ((v_loaded == lo) | (v_loaded == hi)).all()
+    assert (m_loaded != m).any() and (v_loaded != v).any(), "the test must round"
+
 def test_fp8_moments_never_store_a_positive_sqrt_v_as_zero():
     """One large gradient per row and tiny ones elsewhere: sqrt(v) of the tiny ones falls below the block's
     smallest FP8 step. Stored as 0, a later step with no gradient would be m / eps: thousands of lr."""
@@ -1414,7 +1436,7 @@ def reference_theta(codes, scale, grad, m, v, fmt):
     return theta, denom, m, v
 
 
-@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "int8"])
 @pytest.mark.parametrize("shape,grad_dtype", [((6, 37), torch.float32), ((3, 4, 300), torch.bfloat16),
                                               ((5, 1000), torch.float32)])
 def test_fused_kernel_round_to_nearest_equals_the_reference(fmt, shape, grad_dtype):
@@ -1720,7 +1742,7 @@ def share_equal(got, expected):
 EXACT_SHARE = 1 if KERNEL_EXACT else 0.99  # on a GPU theta can differ in its last bit (kernels.py docstring)
 
 
-@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "int8"])
 @pytest.mark.parametrize("moments", ["fp32", "bf16", "fp8"])
 def test_fused_kernel_equals_the_reference_for_every_moments_storage(moments, fmt, ieee_sqrt):
     """Round-to-nearest weights, ragged rows, a zero row and a zero block. Against the optimizer's float32 step:
@@ -1745,7 +1767,8 @@ def test_fused_kernel_equals_the_reference_for_every_moments_storage(moments, fm
             assert ((got == lo) | (got == hi)).float().mean() >= EXACT_SHARE, "a neighbour on the storage grid"
             assert (got != x).any(), "the test must round"
         assert (got[0] == 0).all() and (got[2, 128:256] == 0).all(), "zeros stay zeros"
-    if moments == "fp8":
+    if moments == "fp8":  # of the two neighbours of a positive sqrt(v) only the upper one is right when the lower is 0
+        assert (stored[1][exact[1] > 0] > 0).all(), "a positive sqrt(v) is never stored as 0"
         tiny = torch.finfo(torch.float32).tiny
         for got, x in zip(a[5:], exact):
             expected = quant.quantize_blocks(x, "fp8_e4m3", eco.MOMENT_BLOCK)[1]
@@ -1869,6 +1892,65 @@ def test_fused_kernel_moments_draw_random_numbers_independent_of_the_weights():
                 for first, second in ((a, b), (b, a)):
                     agree = agreement_at_shifts(first, second, min_overlap=1024)
                     assert ((agree - 0.5).abs() < 0.1).all(), f"streams {i} and {j} share random numbers"
+
+
+def test_fused_kernel_fp8_moments_draw_random_numbers_independent_of_each_other_and_of_the_weights():
+    """The fp8 case of the test above, at shift 0. From zero fp8 moments one step (next_lr = 0: no injection)
+    with g = k / 4096, k in [2048, 4096), gives m = g / 2 and sqrt(v) = g / 2 exactly: the same values, the
+    same block scales, so each element's m and sqrt(v) sit at the same place between the same two grid
+    points and round up with the same probability p. Drawn from independent streams they agree with
+    probability p^2 + (1 - p)^2; drawn from one stream they agree always. The weights round at y = -1/2 from
+    stream 0 and agree with either moment with probability 1/2 exactly. Every count of agreements is within
+    Bernstein's bound (false alarm below 1e-9 per check) of its expectation."""
+    kernels = pytest.importorskip("kernels")
+    rows, cols = 4, 4096
+    inputs = identical_rows_at_one_half(rows, cols)
+    k = torch.randint(2048, 4096, (rows, cols), generator=torch.Generator().manual_seed(3)).float()
+    inputs[2] *= (k / 4096).to(KERNEL_DEVICE)  # g^2 / 4 has at most 24 significant bits: exact in float32
+    inputs[3:] = [eco.init_moments(inputs[2], "fp8")[key] for key in eco.MOMENT_KEYS["fp8"]]  # zero moments
+    exact = 0.5 * inputs[2]  # m and sqrt(v) after the step, exactly
+    kernels.eco_adamw_fused_(*inputs, moments="fp8", fmt="int8", **EXACT_STEP_HYPER, next_lr=0.0,
+                             rounding="stochastic", seed=5)
+    lo, hi = storage_neighbours(exact, "fp8")
+    stored_m, stored_sqrt_v = stored_values(inputs[3:], "fp8")
+    assert torch.equal(inputs[5], inputs[6]), "the construction gives m and sqrt(v) the same block scales"
+    assert ((stored_m == lo) | (stored_m == hi)).all() and ((stored_sqrt_v == lo) | (stored_sqrt_v == hi)).all()
+    moves = (hi != lo)[:, 4:].cpu()
+    p = ((exact - lo) / (hi - lo))[:, 4:].cpu()[moves]  # the probability of rounding up
+    up_w, up_m, up_v = ((inputs[0] == 0)[:, 4:].cpu()[moves], (stored_m == hi)[:, 4:].cpu()[moves],
+                        (stored_sqrt_v == hi)[:, 4:].cpu()[moves])
+    assert moves.sum() > 15000 and ((p > 0.1) & (p < 0.9)).float().mean() > 0.7, "the test must round"
+    for a, b, q, what in [(up_m, up_v, p * p + (1 - p) * (1 - p), "exp_avg and sqrt(exp_avg_sq)"),
+                          (up_w, up_m, torch.full_like(p, 0.5), "the weights and exp_avg"),
+                          (up_w, up_v, torch.full_like(p, 0.5), "the weights and sqrt(exp_avg_sq)")]:
+        agree = (a == b).sum().item()
+        bound = bernstein_bound((q * (1 - q)).sum()).item()
+        assert abs(agree - q.sum().item()) <= bound, f"{what} share random numbers"
+
+
+def test_fused_kernel_never_stores_a_positive_sqrt_v_as_zero():
+    """The guard of eco.store_moments_ in the kernel: from zero fp8 moments, one gradient of 1.0 per block of
+    128 and 3e-6 elsewhere puts sqrt(v) / scale at 0.69 of the smallest FP8 step, so stochastic rounding
+    alone would store about 31% of them as 0 (the next small-gradient step would then be m / eps). Every
+    positive sqrt(v) is stored as the smallest positive code or the one above, and zeros stay zero."""
+    kernels = pytest.importorskip("kernels")
+    rows, cols = 32, 128
+    grad = torch.full((rows, cols), 3e-6)
+    grad[:, 0] = 1.0
+    grad[0] = 0  # a row without gradient keeps sqrt(v) = 0
+    codes, scale = quant.quantize(torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)), "fp8_e4m3")
+    state = eco.init_moments(grad, "fp8")
+    inputs = [t.to(KERNEL_DEVICE) for t in (codes, scale, grad, *(state[key] for key in eco.MOMENT_KEYS["fp8"]))]
+    kernels.eco_adamw_fused_(*inputs, moments="fp8", fmt="fp8_e4m3", **KERNEL_HYPER, rounding="nearest", seed=0)
+    sqrt_v = (1 - KERNEL_HYPER["beta2"]) ** 0.5 * grad  # after one step from zero
+    assert torch.allclose(inputs[6].cpu()[1:], torch.full((rows - 1, 1), sqrt_v.max().item() / 448)), "one block a row"
+    smallest = 2.0 ** -9  # E4M3's smallest subnormal
+    y = (sqrt_v / inputs[6].cpu())[1:, 1:]  # the small ones, in units of their block's scale
+    assert ((y / smallest - 0.69).abs() < 0.01).all(), "the construction: 0.69 of the smallest step"
+    got = inputs[4].float().cpu()
+    assert (got[0] == 0).all(), "zeros stay zero"
+    assert (got[1:, 1:] == smallest).all(), "never 0: the smallest positive code (y is below it)"
+    assert (got[1:, 0] == 448).all()
 
 
 @pytest.mark.parametrize("moments", ["fp32", "bf16", "fp8"])
