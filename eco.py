@@ -265,6 +265,25 @@ def _check_choice(name, value, accepted):
 
 
 GRAD_LIMIT = math.sqrt(torch.finfo(torch.float32).max)  # |g| above this overflows g*g, hence v, in float32
+# ... and by how v is stored: bfloat16 tops out below float32, and stochastic rounding may round a v just under
+# float32's limit up to inf. Half the largest bfloat16 leaves room for the float32 roundings of v's update.
+GRAD_LIMITS = dict(fp32=GRAD_LIMIT, bf16=math.sqrt(torch.finfo(torch.bfloat16).max / 2), fp8=GRAD_LIMIT)
+
+
+def _check_injection(group, beta, injection):
+    """ECO's coefficient is about 1/lr: an lr so small that it overflows float32 (the precision it is applied in)
+    would turn the momentum into inf in the middle of a step. Bounds |alpha| of injection_coefficient over every
+    bias correction in (0, 1]."""
+    lr = group["lr"]
+    next_lr = group["next_lr"] if injection == "next_lr" else lr
+    if lr == 0 or next_lr == 0:
+        return  # no injection
+    decay = lambda rate: abs(1 - rate * group["weight_decay"])
+    bound = decay(lr) / (lr * beta) if injection == "paper" else decay(lr) / lr + decay(next_lr) / (next_lr * beta)
+    if not bound < torch.finfo(torch.float32).max:
+        raise ValueError(f"lr={lr!r}, next_lr={next_lr!r}: ECO's injection coefficient (about 1 / (lr x beta) = "
+                         f"{bound:.3g}) overflows float32; accepted: lr = 0 (no injection) or lr, next_lr above about "
+                         f"{2 / (beta * torch.finfo(torch.float32).max):.1e}")
 
 
 class _QuantizedOptimizer(torch.optim.Optimizer):
@@ -290,6 +309,12 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
     def _check_group(self, group, mode):  # per class: the hyper-parameters of one param group
         raise NotImplementedError
 
+    def _check_state(self, p, group, state):  # per class: what a step would find wrong in p's existing state
+        pass
+
+    def _grad_limit(self, p, group):  # per class: the largest |g| whose step stays finite in p's state
+        return GRAD_LIMIT
+
     def _work(self):
         """Every check that can fail, before any tensor is touched; then the (group, index, p, grad) to step."""
         for group in self.param_groups:
@@ -299,6 +324,8 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
                     raise ValueError("injection='next_lr' needs each param group's 'next_lr' (the lr of the next "
                                      "step), set by the training loop before step() like 'lr'")
                 _check_number("next_lr", group["next_lr"], 0.0, math.inf)
+            if self.mode == "eco":
+                _check_injection(group, group["betas"][0] if "betas" in group else group["momentum"], self.injection)
         work, index = [], 0
         for group in self.param_groups:
             for p in group["params"]:
@@ -307,15 +334,20 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
                                      "gradient belongs in .main_grad (quant.QuantizedWeight puts it there)")
                 grad = grad_of(p)
                 if grad is not None:
+                    if grad.shape != p.shape or not grad.is_floating_point():
+                        raise ValueError(f"a gradient of shape {tuple(grad.shape)} and dtype {grad.dtype} for a "
+                                         f"parameter of shape {tuple(p.shape)}; accepted: a float tensor of its shape")
+                    if self.state.get(p):
+                        self._check_state(p, group, self.state[p])
                     work.append((group, index, p, grad))
                 index += 1
-        checked = [(p, g) for _, _, p, g in work if g.numel()]
+        checked = [(p, g, self._grad_limit(p, group)) for group, _, p, g in work if g.numel()]
         if checked:  # one reduction per tensor, one host sync: NaN/Inf, or |g| so large that g*g overflows
-            bad = torch.stack([~(g.abs().amax() <= GRAD_LIMIT) for _, g in checked])  # NaN compares False
+            bad = torch.stack([~(g.abs().amax() <= limit) for _, g, limit in checked])  # NaN compares False
             if bad.any():
-                shapes = [tuple(p.shape) for (p, _), b in zip(checked, bad.tolist()) if b]
-                raise quant.NonFiniteError(f"non-finite gradient (or |g| > {GRAD_LIMIT:.3g}, whose square overflows "
-                                           f"float32) in parameters of shapes {shapes}; nothing was updated")
+                found = [f"{tuple(p.shape)} (|g| <= {limit:.3g})" for (p, _, limit), b in zip(checked, bad.tolist()) if b]
+                raise quant.NonFiniteError(f"non-finite gradient, or one whose square overflows how v is stored, in "
+                                           f"parameters of shapes {', '.join(found)}; nothing was updated")
         return work
 
     def zero_grad(self, set_to_none=True):
@@ -324,24 +356,34 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
             if is_quantized(p):
                 p.main_grad = None
 
+    def _identity(self):
+        """What decides the next step besides the state tensors and the param groups: saved in state_dict."""
+        return dict(optimizer=type(self).__name__, mode=self.mode, rounding=self.rounding, injection=self.injection)
+
     def state_dict(self):
         sd = super().state_dict()
-        sd["generator"] = self.generator.get_state()
-        sd["eco"] = dict(optimizer=type(self).__name__, mode=self.mode)
+        sd["generator"] = self.generator.get_state()  # the reference path's stochastic rounding
+        sd["eco"] = dict(self._identity(), seed=self.seed)  # the seed: the fused kernel's random numbers
         return sd
 
     def _expected_state(self, p, group):  # per class: {key: (dtype, shape)} of p's state
         raise NotImplementedError
 
     def load_state_dict(self, state_dict):
-        """torch's load_state_dict, checked first (class, mode, every tensor's key, dtype and shape), and
-        without torch's cast of floating-point state to the parameter's dtype, which would turn float32
-        moments and master copies into FP8 codes."""
+        """torch's load_state_dict, checked first (class, mode, rounding, injection, every tensor's key, dtype and
+        shape), and without torch's cast of floating-point state to the parameter's dtype, which would turn
+        float32 moments and master copies into FP8 codes. Restores the seed and the rounding generator: a loaded
+        optimizer takes the next step the saved one would have taken, on either path."""
         state_dict = dict(state_dict)
-        saved_by = state_dict.pop("eco", None)
-        mine = dict(optimizer=type(self).__name__, mode=self.mode)
-        if saved_by is not None and saved_by != mine:
-            raise ValueError(f"this state was saved by {saved_by}; this optimizer is {mine}")
+        saved_by, mine = state_dict.pop("eco", None), self._identity()
+        if not isinstance(saved_by, dict) or "generator" not in state_dict:
+            raise ValueError(f"not a state_dict of eco.{type(self).__name__} (it has no 'eco' and 'generator' "
+                             f"entries, only {sorted(state_dict)}): it cannot say how the saved weights were stored")
+        saved_by = dict(saved_by)
+        seed = saved_by.pop("seed", None)
+        if saved_by != mine or not isinstance(seed, int):
+            raise ValueError(f"this state was saved by {dict(saved_by, seed=seed)}; this optimizer is {mine} "
+                             "(an older eco.py saved no rounding, injection and seed)")
         generator_state = state_dict.pop("generator")
         params = self._params()
         groups = [g for g in self.param_groups for _ in g["params"]]
@@ -358,6 +400,7 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
             p = params[index]
             self.state[p] = {k: v.to(p.device, copy=True) if torch.is_tensor(v) else v for k, v in saved.items()}
         self.generator.set_state(generator_state.cpu())  # a checkpoint loaded with map_location="cuda" moved it
+        self.seed = seed
 
 
 class ECOAdamW(_QuantizedOptimizer):
@@ -396,6 +439,16 @@ class ECOAdamW(_QuantizedOptimizer):
         _check_number("eps", group["eps"], 0.0, math.inf, low_open=True)  # eps = 0 divides 0 by 0 where v = 0
         _check_number("weight_decay", group["weight_decay"], 0.0, math.inf)
         _check_choice("moments", group["moments"], MOMENTS)
+
+    def _check_state(self, p, group, state):
+        stored, wanted = stored_moments(state), moments_format(p, group["moments"])
+        if stored != wanted:
+            raise ValueError(f"a parameter of shape {tuple(p.shape)} keeps its moments as {stored!r} since its first "
+                             f"step; its group now asks for moments={group['moments']!r}: the storage is set once "
+                             f"(accepted here: {stored!r})")
+
+    def _grad_limit(self, p, group):
+        return GRAD_LIMITS[moments_format(p, group["moments"])]
 
     def _expected_state(self, p, group):
         shapes = {k: (v.dtype, tuple(v.shape)) for k, v in init_moments(p, moments_format(p, group["moments"])).items()}

@@ -227,7 +227,13 @@ class QuantizedWeight(nn.Module):
             self.weight.main_grad = None
 
     def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
+        # .to(device) moves the codes and scales; a dtype conversion (.to(torch.bfloat16), .half(), .double())
+        # must not touch them: bf16 "codes" would take 2 bytes and be no longer what the optimizer stores, and a
+        # bf16 scale would round. So they keep their dtype, and the rest of a model converts as usual.
+        def keep_dtype(t):
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(moved.device)
+        super()._apply(keep_dtype, *args, **kwargs)
         self._link()
         return self
 

@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.join(ROOT, "data"))  # data/prepare.py
 import eco  # noqa: E402
 import prepare  # noqa: E402
 import quant  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
 from model import GPT, Attention, GPTConfig, apply_rotary, rotary_tables  # noqa: E402
 from moe import MoE  # noqa: E402
@@ -2552,7 +2553,7 @@ def test_a_write_that_fails_midway_leaves_the_previous_checkpoint_loadable(stopp
 
     with pytest.raises(KeyboardInterrupt):
         prepare.write_atomic(str(path), killed_while_writing)
-    assert path.read_bytes() == old and train.read_checkpoint(str(path))["step"] == 3
+    assert path.read_bytes() == old and runs.read_checkpoint(str(path))["step"] == 3
     prepare.write_atomic(str(path), lambda f: f.write(b"new"))  # and nothing is left behind to get in the way
     assert path.read_bytes() == b"new" and not os.path.exists(str(path) + ".tmp")
 
@@ -2593,7 +2594,7 @@ def test_results_json_keeps_finished_methods_through_crashes_and_refused_runs(sm
 
 def checkpoint_steps(out_dir):
     """{method: step} of every checkpoint on disk; read_checkpoint raises if one is not complete."""
-    return {p.name[len("ckpt_"):-len(".pt")]: train.read_checkpoint(str(p))["step"] for p in out_dir.glob("ckpt_*.pt")}
+    return {p.name[len("ckpt_"):-len(".pt")]: runs.read_checkpoint(str(p))["step"] for p in out_dir.glob("ckpt_*.pt")}
 
 
 def test_killed_at_random_moments_and_resumed_ends_bit_identical_to_an_uninterrupted_run(small_data, tmp_path):
@@ -2776,31 +2777,31 @@ def test_state_hash_sees_every_byte_of_weights_scales_moments_and_the_rounding_g
                ("float weight's exp_avg_sq", opt.state[model.head.weight]["exp_avg_sq"])]
     if mode == "master":
         targets.append(("master", state["master"]))
-    original = train.state_hash(model, opt)
+    original = runs.state_hash(model, opt)
     for what, tensor in targets:
         data = tensor.detach().reshape(-1).view(torch.uint8)  # the tensor's own bytes
         for byte in (0, len(data) - 1, rng.randrange(len(data))):
             bit = 1 << rng.randrange(8)
             data[byte] ^= bit
-            assert train.state_hash(model, opt) != original, (what, byte, bit)
+            assert runs.state_hash(model, opt) != original, (what, byte, bit)
             data[byte] ^= bit
-            assert train.state_hash(model, opt) == original, (what, byte, bit)
+            assert runs.state_hash(model, opt) == original, (what, byte, bit)
     state["step"] += 1  # a step count
-    assert train.state_hash(model, opt) != original
+    assert runs.state_hash(model, opt) != original
     state["step"] -= 1
     saved = opt.generator.get_state()
     torch.rand(1, generator=opt.generator)  # one draw of the rounding generator: the next rounding differs
-    assert train.state_hash(model, opt) != original
+    assert runs.state_hash(model, opt) != original
     opt.generator.set_state(saved)
-    assert train.state_hash(model, opt) == original
+    assert runs.state_hash(model, opt) == original
 
 
 def test_a_replica_that_drifted_apart_is_named_with_the_method_and_step():
     with pytest.raises(RuntimeError, match=r"^fp8_eco_sr step 6: the replicas drifted apart: ranks \[1, 3\] ") as error:
-        train.check_replicas(["aa", "bb", "aa", "cc"], 6, "fp8_eco_sr")
+        runs.check_replicas(["aa", "bb", "aa", "cc"], 6, "fp8_eco_sr")
     assert "['aa', 'bb', 'aa', 'cc']" in str(error.value)  # every rank's hash, for the bug report
-    assert train.check_replicas(["aa"] * 4, 6, "fp8_eco_sr") is None
-    assert train.check_replicas(["aa"], 6, "fp8_eco_sr") is None  # one process: nothing to compare
+    assert runs.check_replicas(["aa"] * 4, 6, "fp8_eco_sr") is None
+    assert runs.check_replicas(["aa"], 6, "fp8_eco_sr") is None  # one process: nothing to compare
 
 
 def test_a_run_that_changes_the_micro_batches_is_refused_on_every_rank(small_data, two_ranks):
@@ -2809,7 +2810,7 @@ def test_a_run_that_changes_the_micro_batches_is_refused_on_every_rank(small_dat
 
     def check(*extra):
         c = train.parse_args(tiny_train_args(small_data[0], out, *extra))
-        return train.check_out_dir(c, [train.method_name(m, c) for m in train.method_list(c)])
+        return runs.check_out_dir(c, [train.method_name(m, c) for m in train.method_list(c)])
 
     # 1 process x 2 micro-batches is the same run: its results are those of the two ranks
     assert list(check("--grad_accum=2")) == ["fp32", "fp8_master_rtn", "fp8_naive_rtn", "fp8_naive_sr",

@@ -15,14 +15,11 @@ Every method starts from the same initial weights, sees the same batches in the 
 the same learning-rate schedule; only the optimizer's handling of the quantized weights differs (eco.py).
 Options are --key=value overrides of the defaults below, all range-checked before anything is written.
 
-Files in out_dir: results.json (rewritten after each method), ckpt_<method>.pt (--save_checkpoint=True,
-at every evaluation) and curves.png. Each is written under a temporary name, flushed to disk and renamed
-over the old one, so a crash at any moment leaves the previous complete file. An out_dir holds one run's
-settings: a run is refused, naming the options, if one that changes training (all but NOT_THE_RUN) differs
-from the settings of the results.json or checkpoints already there; with the same settings it replaces
-the results of the methods it trains and keeps the others (the table notes a kept one that stopped at
-another step). --resume=True continues each method from its
-checkpoint; a method without one yet starts from step 0 (the log says so); an unreadable one stops the run.
+Files in out_dir: results.json (rewritten after each method), ckpt_<method>.pt (--save_checkpoint=True, at every
+evaluation) and curves.png. A run's bookkeeping lives in runs.py: the run's identity (its settings and its data),
+one writer per out_dir, the rule that an out_dir holds one run's settings (a differing run is refused, naming
+the options), --resume=True from each method's checkpoint (a method without one starts from step 0), atomic
+writes that survive a kill at any moment, and torchrun's agreement between ranks.
 
 Data parallel (torchrun): every process (rank) holds the whole model and optimizer and reads grad_accum
 micro-batches of each step; gradients are averaged over the ranks and every rank takes the same step, so the
@@ -30,8 +27,7 @@ replicas stay bit-identical (checked at each evaluation). N ranks with --grad_ac
 process with --grad_accum=N*K, up to the order of float32 sums. Rank 0 prints and writes; prepare the default
 data first (python data/prepare.py): under torchrun it is only read.
 """
-import hashlib
-import json
+import contextlib
 import math
 import os
 import re
@@ -44,6 +40,7 @@ import torch.distributed as dist
 
 import eco
 import quant
+import runs
 from model import GPT, GPTConfig
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
@@ -102,12 +99,6 @@ ALL_METHODS = {  # short name -> (optimizer mode, rounding); fp32 trains without
     "naive_sr": ("naive", "stochastic"), "eco_rtn": ("eco", "nearest"), "eco_sr": ("eco", "stochastic"),
 }
 MODEL_KEYS = ("model", "n_layer", "n_head", "n_embd", "block_size", "n_experts", "top_k")
-# Options that leave the training trajectory alone (how far it goes, what is logged, where, on what device):
-# the runs of one out_dir, a --resume included, may differ in these
-NOT_THE_RUN = ("out_dir", "resume", "stop_at", "log_interval", "sample_tokens", "device", "compile",
-               "save_checkpoint", "methods", "grad_accum", "world_size")
-# grad_accum and world_size change the run only through their product, the config's micro_batches: the same
-# micro-batches make up each step however they are split over ranks, so a run may move to more processes
 # Data parallel: torchrun starts one process per device and tells each its place; `python train.py` is rank 0 of 1
 TORCHRUN = "RANK" in os.environ
 RANK = int(os.environ.get("RANK", 0))  # this process among all of them
@@ -184,6 +175,11 @@ def check_ranges(c):
     need(c["micro_batches"] == 1 or c["max_steps"] <= 2**20, "max_steps", "at most 2^20 with several micro-batches "
          "per step (see get_batch)")
     need(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", c["device"]), "device", "auto, cpu, cuda, cuda:N or mps")
+    here = ["auto", "cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] + \
+        ["mps"] * torch.backends.mps.is_available()
+    need(c["device"] in here or c["device"] == "cuda" and torch.cuda.is_available(), "device",
+         f"a device this machine has: {', '.join(here)}")
+    need(not os.path.exists(c["out_dir"]) or os.path.isdir(c["out_dir"]), "out_dir", "a folder (this is a file)")
 
 
 def method_list(c):
@@ -224,79 +220,6 @@ def get_batch(data, step, c, dev, stream, micro=0):
 
 
 # -----------------------------------------------------------------------------
-# Files: written so that a crash never leaves half of one; read back with errors that name them
-
-def read_checkpoint(path, map_location="cpu"):
-    if not os.path.exists(path):
-        raise ValueError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location)
-        if not {"model", "config"} <= set(ckpt):
-            raise KeyError("it has no 'model' and 'config' entries")
-    except Exception as err:  # a truncated zip archive, a foreign file, ...: say which file
-        raise ValueError(f"{path} is damaged or not a checkpoint of train.py ({type(err).__name__}: {err})") from None
-    return ckpt
-
-
-def check_out_dir(c, names):
-    """The out_dir rule of the module docstring, checked before anything is written: refuse a run whose
-    settings differ from those of the checkpoints it would continue or overwrite, or of results.json.
-    Returns the results of earlier runs with these settings (kept in results.json)."""
-    settings = {}  # file in out_dir -> the settings of the run that wrote it
-    if c["resume"] or c["save_checkpoint"]:
-        for name in names:
-            path = os.path.join(c["out_dir"], f"ckpt_{name}.pt")
-            if os.path.exists(path):
-                settings[path] = read_checkpoint(path)["config"]
-    path, earlier = os.path.join(c["out_dir"], "results.json"), {}
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                saved = json.load(f)
-            settings[path], earlier = saved["config"], saved["methods"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{path} is not a results file of train.py ({err}); move it away, or use another "
-                             "--out_dir") from None
-    for path, saved in settings.items():
-        diff = [f"{k}={saved.get(k)!r} there, {c[k]!r} now" for k in c if k not in NOT_THE_RUN and saved.get(k) != c[k]]
-        if diff:
-            raise ValueError(f"{path} comes from a run with other settings: {'; '.join(diff)}. "
-                             "Use that run's settings, or another --out_dir")
-    return earlier
-
-
-# -----------------------------------------------------------------------------
-# Data parallel (torchrun): where the ranks talk to each other; without torchrun none of this runs
-
-def average_over_ranks_(tensors):
-    """Replace each float32 tensor by its mean over the ranks: one all-reduce of one flat buffer, not one each."""
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)  # a sum: gloo has no average
-    flat /= WORLD_SIZE
-    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(part.view_as(t))
-
-
-def state_hash(model, opt):
-    """sha256 of every byte of the weights (codes, scales, float parameters) and of the optimizer state
-    (moments, master copies, step counts, the rounding generator): equal hashes, bit-identical replicas."""
-    sd, h = opt.state_dict(), hashlib.sha256()
-    optimizer_state = [v for i in sorted(sd["state"]) for v in sd["state"][i].values()]
-    for t in [*model.state_dict().values(), *optimizer_state, sd["generator"]]:
-        h.update(torch.as_tensor(t).detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def check_replicas(hashes, step, name):
-    """hashes: every rank's state_hash, in rank order. The ranks took the same steps on the same gradients: any
-    difference is a bug or faulty hardware, and every rank, seeing the same hashes, stops with the same error."""
-    differ = [r for r, h in enumerate(hashes) if h != hashes[0]]
-    if differ:
-        raise RuntimeError(f"{name} step {step}: the replicas drifted apart: ranks {differ} hold other weights or "
-                           f"optimizer state than rank 0 (state hashes by rank: {hashes})")
-
-
-# -----------------------------------------------------------------------------
 # Measurements
 
 def memory_bytes(model, opt):
@@ -324,34 +247,45 @@ def evaluate(model, val_data, c, dev):
     return float(total) / c["eval_batches"]
 
 
-def main(argv=None):
-    c = parse_args(sys.argv[1:] if argv is None else argv)
-    if RANK > 0:  # every rank computes the same numbers: rank 0 alone prints them
-        sys.stdout = open(os.devnull, "w")
-    # -------------------------------------------------------------------------
-    # Everything that can refuse the run, before out_dir is touched (the default data is prepared on first use)
+def load_data(c):
+    """The data folder, checked (prepared first if it is the default one), recorded in c as the run's data
+    identity; and the fine-tuning checkpoint's weights, which must come with the same tokenizer. Returns
+    (meta, train and val tokens, initial weights or None). Nothing is written but the default data set."""
+    if os.path.realpath(c["data_dir"]) == os.path.realpath(prepare.DEFAULT_DIR) and not TORCHRUN:
+        meta = prepare.prepare(prepare.DEFAULT_DIR)  # downloads and tokenizes Shakespeare once
+    else:  # (under torchrun every rank only reads files)
+        meta = prepare.load_meta(c["data_dir"])  # refuses a missing, incomplete or damaged folder
+    c.update(runs.data_identity(meta))
     init_state = None
     if c["init_from"]:  # fine-tuning: the weights, and the architecture that comes with them
-        ckpt = read_checkpoint(c["init_from"])
+        ckpt = runs.read_checkpoint(c["init_from"])
         if any(t.dtype != torch.float32 for t in ckpt["model"].values()):
             raise ValueError(f"--init_from={c['init_from']}: expected a full-precision (fp32 method) checkpoint")
+        vocab = ckpt["model"]["embed.weight"].shape[0]
+        tokenizer = ckpt["config"].get("tokenizer_sha256")
+        if vocab != meta["vocab_size"] or tokenizer != c["tokenizer_sha256"]:
+            raise ValueError(f"--init_from={c['init_from']} was trained with another tokenizer ({vocab} tokens, "
+                             f"tokenizer sha256 {tokenizer}) than {c['data_dir']} has ({meta['vocab_size']} tokens, "
+                             f"{c['tokenizer_sha256']}): its token ids would mean other things; fine-tune on data "
+                             "prepared with its tokenizer")
         changed = [f"{k}={ckpt['config'][k]!r} (not {c[k]!r})" for k in MODEL_KEYS if ckpt["config"][k] != c[k]]
         if changed:
             print(f"--init_from: the architecture comes with the weights: {', '.join(changed)}")
         c.update({k: ckpt["config"][k] for k in MODEL_KEYS})
         init_state = ckpt["model"]
-    names = [method_name(short, c) for short in method_list(c)]
-    earlier = check_out_dir(c, names)
-    if os.path.realpath(c["data_dir"]) == os.path.realpath(prepare.DEFAULT_DIR) and not TORCHRUN:
-        meta = prepare.prepare(prepare.DEFAULT_DIR)  # downloads and tokenizes Shakespeare once
-    else:  # (under torchrun every rank only reads files until all have passed these checks)
-        meta = prepare.load_meta(c["data_dir"])  # refuses a missing, incomplete or damaged folder
     train_data = np.memmap(os.path.join(c["data_dir"], "train.bin"), dtype=np.uint16, mode="r")
     val_data = np.memmap(os.path.join(c["data_dir"], "val.bin"), dtype=np.uint16, mode="r")
     for split, data in (("train", train_data), ("val", val_data)):  # get_batch needs block_size + 2 tokens or more
         if len(data) < c["block_size"] + 2:
             raise ValueError(f"--block_size={c['block_size']} is too long for the {split} split of {c['data_dir']} "
                              f"({len(data)} tokens); accepted: at most {len(data) - 2}")
+    return meta, train_data, val_data, init_state
+
+
+def main(argv=None):
+    c = parse_args(sys.argv[1:] if argv is None else argv)
+    if RANK > 0:  # every rank computes the same numbers: rank 0 alone prints them
+        sys.stdout = open(os.devnull, "w")
     dev = c["device"]
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -360,38 +294,47 @@ def main(argv=None):
         if dev != "cpu":
             torch.cuda.set_device(dev)
         dist.init_process_group(backend="gloo" if dev == "cpu" else "nccl")
-        dist.barrier()  # every rank has read out_dir before rank 0 writes to it
-
     # -------------------------------------------------------------------------
-    # One set of initial weights for every method (fresh from the seed, or the fine-tuning checkpoint)
-    cfg = GPTConfig(vocab_size=meta["vocab_size"], block_size=c["block_size"], n_layer=c["n_layer"],
-                    n_head=c["n_head"], n_embd=c["n_embd"], mlp=c["model"], n_experts=c["n_experts"], top_k=c["top_k"])
-    torch.manual_seed(c["seed"])
-    init_model = GPT(cfg)
-    if init_state is None:
-        init_state = init_model.state_dict()
-    split = f" ({c['world_size']} ranks x {c['grad_accum']} micro-batches)" if c["micro_batches"] > 1 else ""
-    print(f"device {dev} | {init_model.num_params():,} non-embedding parameters | {c['max_steps']} steps of "
-          f"{c['batch_size'] * c['block_size'] * c['micro_batches']:,} tokens{split} | methods {', '.join(names)}")
-    kept = [name for name in earlier if name not in names]
-    if kept:
-        print(f"keeping the results of {', '.join(kept)} from an earlier run with these settings")
+    # Everything that can refuse the run, on every rank together, before out_dir is touched
+    meta, train_data, val_data, init_state = runs.refuse_together(lambda: load_data(c))
+    if TORCHRUN:
+        runs.check_ranks_agree(c)  # the same options and data on every rank, or every rank stops
+    names = [method_name(short, c) for short in method_list(c)]
+    with contextlib.ExitStack() as stack:
+        def claim_out_dir():  # one run at a time writes to an out_dir (rank 0 writes), with the same settings
+            if RANK == 0:
+                stack.enter_context(runs.out_dir_lock(c["out_dir"]))
+            return runs.check_out_dir(c, names)
+        earlier = runs.refuse_together(claim_out_dir)  # the results of earlier runs with these settings
 
-    # -------------------------------------------------------------------------
-    # Train each method from those weights; results.json after each, so a crash keeps the finished ones
-    if RANK == 0:  # the one rank that writes files
-        os.makedirs(c["out_dir"], exist_ok=True)
-    results = {}
-    for short in method_list(c):
-        results[method_name(short, c)] = train_method(short, c, cfg, init_state, train_data, val_data, meta, dev)
-        text = json.dumps(dict(methods={**earlier, **results}, config=c), indent=1)
+        # ---------------------------------------------------------------------
+        # One set of initial weights for every method (fresh from the seed, or the fine-tuning checkpoint)
+        cfg = GPTConfig(vocab_size=meta["vocab_size"], block_size=c["block_size"], n_layer=c["n_layer"],
+                        n_head=c["n_head"], n_embd=c["n_embd"], mlp=c["model"], n_experts=c["n_experts"],
+                        top_k=c["top_k"])
+        torch.manual_seed(c["seed"])
+        init_model = GPT(cfg)
+        if init_state is None:
+            init_state = init_model.state_dict()
+        split = f" ({c['world_size']} ranks x {c['grad_accum']} micro-batches)" if c["micro_batches"] > 1 else ""
+        print(f"device {dev} | {init_model.num_params():,} non-embedding parameters | {c['max_steps']} steps of "
+              f"{c['batch_size'] * c['block_size'] * c['micro_batches']:,} tokens{split} | methods {', '.join(names)}")
+        kept = [name for name in earlier if name not in names]
+        if kept:
+            print(f"keeping the results of {', '.join(kept)} from an earlier run with these settings")
+
+        # ---------------------------------------------------------------------
+        # Train each method from those weights; results.json after each, so a crash keeps the finished ones
+        results = {}
+        for short in method_list(c):
+            results[method_name(short, c)] = train_method(short, c, cfg, init_state, train_data, val_data, meta, dev)
+            if RANK == 0:  # the one rank that writes files
+                runs.write_results(c, {**earlier, **results})
+
+        # ---------------------------------------------------------------------
+        # Report
         if RANK == 0:
-            prepare.write_atomic(os.path.join(c["out_dir"], "results.json"), lambda f: f.write(text.encode()))
-
-    # -------------------------------------------------------------------------
-    # Report
-    if RANK == 0:
-        report({**earlier, **results}, c)
+            report({**earlier, **results}, c)
     if TORCHRUN:
         dist.barrier()  # leave together: a rank that tears down its connections while another works can abort
         dist.destroy_process_group()
@@ -420,7 +363,7 @@ def train_method(short, c, cfg, init_state, train_data, val_data, meta, dev):
     ckpt_path = os.path.join(c["out_dir"], f"ckpt_{name}.pt")
     start, curve, moved_curve, train_time, diverged = 0, [], [], 0.0, False
     if c["resume"] and os.path.exists(ckpt_path):
-        ckpt = read_checkpoint(ckpt_path, map_location=dev)  # its settings were checked by check_out_dir
+        ckpt = runs.read_checkpoint(ckpt_path, map_location=dev)  # its settings were checked by check_out_dir
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         start, curve, moved_curve, train_time = ckpt["step"], ckpt["curve"], ckpt["moved_curve"], ckpt["train_time"]
@@ -459,7 +402,7 @@ def train_method(short, c, cfg, init_state, train_data, val_data, meta, dev):
                 # and stochastic rounding draws from the optimizer's generator, seeded alike on every rank: codes,
                 # scales and moments stay bit-identical without sending any weights.
                 mean_loss = torch.tensor([loss_value], device=dev)
-                average_over_ranks_([eco.grad_of(p) for p in model.parameters()] + [mean_loss])
+                runs.average_over_ranks_([eco.grad_of(p) for p in model.parameters()] + [mean_loss])
                 loss_value = mean_loss.item()
             if not math.isfinite(loss_value):
                 raise quant.NonFiniteError(f"loss is {loss_value}")
@@ -487,8 +430,8 @@ def train_method(short, c, cfg, init_state, train_data, val_data, meta, dev):
             curve.append([done, evaluate(forward, val_data, c, dev)])
             if TORCHRUN:  # are the replicas still bit-identical?
                 hashes = [None] * WORLD_SIZE
-                dist.all_gather_object(hashes, state_hash(model, opt))
-                check_replicas(hashes, done, name)
+                dist.all_gather_object(hashes, runs.state_hash(model, opt))
+                runs.check_replicas(hashes, done, name)
             if qparams:  # the mean fraction of codes moved per step since the last evaluation
                 moved_curve.append([done, moved.item() / max(moved_steps, 1)])
                 moved.zero_()
@@ -498,7 +441,7 @@ def train_method(short, c, cfg, init_state, train_data, val_data, meta, dev):
             if c["save_checkpoint"] and RANK == 0:
                 state = dict(model=model.state_dict(), optimizer=opt.state_dict(), step=done, curve=curve,
                              moved_curve=moved_curve, train_time=train_time, config=c, method=name)
-                prepare.write_atomic(ckpt_path, lambda f: torch.save(state, f))
+                runs.write_checkpoint(ckpt_path, state)
 
     # -------------------------------------------------------------------------
     # This method's results
@@ -510,7 +453,7 @@ def train_method(short, c, cfg, init_state, train_data, val_data, meta, dev):
         bytes_per_quantized_param=(mem["q_weights"] + mem["q_state"]) / max(mem["q_params"], 1),
         bytes_per_other_param=(mem["other_weights"] + mem["other_state"]) / max(mem["other_params"], 1),
         quantized_params=mem["q_params"], other_params=mem["other_params"],
-        tokens_per_s=done * tokens_per_step / max(train_time, 1e-9), state_hash=state_hash(model, opt),
+        tokens_per_s=done * tokens_per_step / max(train_time, 1e-9), state_hash=runs.state_hash(model, opt),
         curve=curve, moved_curve=moved_curve, moved=moved_curve[-1][1] if moved_curve else None)
     if c["sample_tokens"] and not diverged and RANK == 0:
         enc = prepare.load_tokenizer(os.path.join(c["data_dir"], meta["tokenizer"]))
@@ -528,11 +471,11 @@ def report(results, c):
     print(f"\n{'method':<17}{'val loss':>9}{'vs master':>11}{'B/param':>9}{'B/qparam':>10}{'B/other':>9}{'tok/s':>9}"
           f"{'moved':>8}")
     for name, r in results.items():
-        same_step = baseline and last_step(r) == last_step(results[baseline])
-        delta = r["val_loss"] - results[baseline]["val_loss"] if same_step else float("nan")
+        same_step = baseline and last_step(r) == last_step(results[baseline])  # else: no difference to show
+        delta = f"{r['val_loss'] - results[baseline]['val_loss']:+.4f}" if same_step else "-"
         loss = "diverged" if r["diverged"] else f"{r['val_loss']:.4f}"
         moved = "-" if r["moved"] is None else f"{r['moved']:.1%}"
-        print(f"{name:<17}{loss:>9}{delta:>+11.4f}{r['bytes_per_param']:>9.2f}{r['bytes_per_quantized_param']:>10.2f}"
+        print(f"{name:<17}{loss:>9}{delta:>11}{r['bytes_per_param']:>9.2f}{r['bytes_per_quantized_param']:>10.2f}"
               f"{r['bytes_per_other_param']:>9.2f}{r['tokens_per_s']:>9,.0f}{moved:>8}")
     elsewhere = [f"{n} (step {last_step(r)})" for n, r in results.items() if last_step(r) != (c["stop_at"] or c["max_steps"])]
     if elsewhere:
@@ -540,32 +483,7 @@ def report(results, c):
     print("B/param: weights + scales + master copy + optimizer moments per parameter (all, quantized, the rest)")
     print("moved: quantized weights whose stored code changed, per step, mean over the last evaluation interval")
     print(f"wrote {os.path.join(c['out_dir'], 'results.json')}")
-    if not any(r["curve"] for r in results.values()):
-        return  # every method diverged before its first evaluation: nothing to plot
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return  # the plot is optional
-    fig, (ax_loss, ax_moved) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name, r in results.items():  # left: validation loss; right: the stall diagnostic of the quantized methods
-        if r["curve"]:
-            ax_loss.plot(*zip(*r["curve"]), label=name, marker=".")
-        if r["moved_curve"]:
-            ax_moved.plot(*zip(*r["moved_curve"]), label=name, marker=".")
-        else:
-            ax_moved.plot([], [])  # keep each method's colour the same in both panels
-    ax_loss.set(xlabel="step", ylabel="validation loss")
-    ax_loss.set_ylim(top=min(r["curve"][0][1] for r in results.values() if r["curve"]) + 0.2)  # skip the start-up
-    ax_moved.set(xlabel="step", ylabel="codes moved per step")
-    if any(moved > 0 for r in results.values() for _, moved in r["moved_curve"]):
-        ax_moved.set_yscale("log")  # the stalled methods sit an order of magnitude below the others
-    ax_loss.legend()
-    fig.tight_layout()
-    prepare.write_atomic(os.path.join(c["out_dir"], "curves.png"), lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
-
+    runs.plot(results, os.path.join(c["out_dir"], "curves.png"))
 
 if __name__ == "__main__":
     main()

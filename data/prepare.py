@@ -238,15 +238,16 @@ def describe(source):
     return f"{source['file']} (sha256 {source['sha256'][:16]}...)"
 
 
-def how_to_prepare(out_dir, source=None, force=False):
-    """The command line that (re)builds out_dir, for error messages."""
+def how_to_prepare(out_dir, source=None, force=False, bpe_size=None):
+    """The command line that (re)builds out_dir, for error messages: the same source and BPE size, if known."""
     if source is None:
         input_arg = " --input FILE"
     elif source["sha256"] == SDIST_SHA256:
         input_arg = ""
     else:
         input_arg = f" --input {shlex.quote(source['file'])}"
-    return f"python data/prepare.py{input_arg} --out_dir {shlex.quote(out_dir)}" + (" --force" if force else "")
+    size_arg = f" --vocab_size {bpe_size}" if bpe_size is not None else ""
+    return f"python data/prepare.py{input_arg} --out_dir {shlex.quote(out_dir)}{size_arg}" + (" --force" if force else "")
 
 
 def read_meta(out_dir):
@@ -286,7 +287,7 @@ def load_meta(out_dir, input_path=None):
             raise ValueError(f"cannot read {input_path}: {e.strerror}") from None
         if wanted["sha256"] != source["sha256"]:
             raise ValueError(f"{out_dir} was prepared from {describe(source)}, not from {describe(wanted)}")
-    rebuild = f"; prepare it again: {how_to_prepare(out_dir, source)}"
+    rebuild = f"; prepare it again: {how_to_prepare(out_dir, source, bpe_size=meta['bpe_size'])}"
     for name in FILES:
         path, want = os.path.join(out_dir, name), meta["files"][name]
         if not os.path.exists(path):
@@ -364,6 +365,10 @@ def prepare(out_dir, input_path=None, vocab_size=None, force=False):
     or one that this script cannot vouch for,
     is refused with a ValueError unless force=True. Nothing in out_dir changes before every new file
     is built."""
+    if vocab_size is not None and not (isinstance(vocab_size, int) and 256 <= vocab_size <= 65535):
+        raise ValueError(f"vocab_size={vocab_size!r}; accepted: 256 to 65535 (tokens are stored as uint16)")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out_dir {out_dir} is a file, not a folder; choose another --out_dir")
     if input_path is None:
         wanted = dict(file=SDIST, sha256=SDIST_SHA256)
     else:
@@ -377,7 +382,9 @@ def prepare(out_dir, input_path=None, vocab_size=None, force=False):
         try:
             meta = load_meta(out_dir)
         except ValueError as e:
-            print(f"{e}\nrebuilding it from the same source")
+            if vocab_size is None:
+                vocab_size = meta["bpe_size"]  # the folder's own: what was trained on it expects that vocabulary
+            print(f"{e}\nrebuilding it from the same source, with a BPE of {vocab_size} tokens")
         else:
             print(f"{out_dir} is already prepared from {describe(meta['source'])}: every file checked")
             if vocab_size is not None and meta["bpe_size"] != vocab_size:
@@ -397,7 +404,7 @@ def prepare(out_dir, input_path=None, vocab_size=None, force=False):
     else:
         train_text, val_text = split_text(text)
         source = dict(wanted, validation="the last 10% of the characters")
-    vocab_size = vocab_size or 2048
+    vocab_size = 2048 if vocab_size is None else vocab_size
     print(f"training a byte-level BPE with {vocab_size} tokens on {len(train_text):,} characters...")
     ranks = train_bpe(train_text, vocab_size)
     enc = make_encoding(ranks)

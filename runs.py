@@ -1,0 +1,236 @@
+"""
+A run's bookkeeping, kept beside train.py so that train.py reads as the experiment: what makes a run safe
+to kill, resume, repeat into the same folder and spread over processes. Nothing here changes what is trained.
+
+Identity. A run is its settings and its data. train.py records, in the config of results.json and of every
+checkpoint, every option and the data folder's identity (data_sha256: the checksum of its meta.json, which
+holds the sha256 of each data file and of the source; tokenizer_sha256 for fine-tuning). Where the folder
+lives is not part of it: a moved folder is the same data, a folder re-prepared from another corpus is not.
+
+The out_dir rule. An out_dir holds one run: a run is refused, naming the options, if one that changes training
+(all but NOT_THE_RUN) differs from the settings of the results.json or checkpoints already there; with the same
+settings it replaces the results of the methods it trains and keeps the others. One writer at a time: a run
+holds an exclusive lock on <out_dir>/.lock (released by the kernel when the process ends, however it ends), and
+a second run into the same out_dir is refused, naming the process that holds it. Every file is written under a
+temporary name, flushed to disk and renamed over the old one (data/prepare.py's write_atomic): a crash at any
+moment leaves the previous complete file.
+
+Data parallel (torchrun). Every process (rank) runs train.py with the same options. After the processes
+connect, each rank's settings (data identity included) are compared, and every rank stops, naming the option
+that differs, before anything is written. Gradients are averaged over the ranks (average_over_ranks_), and the
+replicas, which take the same step on the same gradient, are compared by hash at every evaluation.
+"""
+import contextlib
+import hashlib
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+import prepare  # noqa: E402  data/prepare.py: write_atomic
+
+try:
+    import fcntl  # POSIX: Linux and macOS
+except ImportError:  # Windows: no lock, the rest holds
+    fcntl = None
+
+# Options that leave the training trajectory alone (how far it goes, what is logged, where the files are, on
+# what device): the runs of one out_dir, a --resume included, may differ in these
+NOT_THE_RUN = ("out_dir", "data_dir", "resume", "stop_at", "log_interval", "sample_tokens", "device", "compile",
+               "save_checkpoint", "methods", "grad_accum", "world_size")
+# grad_accum and world_size change the run only through their product, the config's micro_batches: the same
+# micro-batches make up each step however they are split over ranks, so a run may move to more processes
+
+
+def data_identity(meta):
+    """What a run records of its data folder (data/prepare.py's meta.json, already checked by load_meta)."""
+    return dict(data_sha256=meta["meta_sha256"], tokenizer_sha256=meta["files"][meta["tokenizer"]]["sha256"])
+
+
+# -----------------------------------------------------------------------------
+# One out_dir, one run: the lock, the settings of what is already there, checkpoints
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir):
+    """Hold an exclusive lock on <out_dir>/.lock for the block, creating out_dir if needed; refuse if another
+    process holds it, naming that process. A kill releases the lock with the process. An out_dir created here
+    for a run that is then refused (an error in the block) is removed again if nothing else was put in it."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out_dir={out_dir} is a file, not a folder; choose another --out_dir")
+    created = not os.path.exists(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, ".lock")
+    f = open(path, "a+")
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise ValueError(f"{out_dir} is in use by {holder} (it holds {path}); one run writes to an out_dir at "
+                                 "a time: wait for it, or choose another --out_dir") from None
+        f.truncate(0)
+        f.write(f"process {os.getpid()}")  # for the message above; cleared when the run ends
+        f.flush()
+        try:
+            yield
+        except BaseException:
+            if created and os.listdir(out_dir) == [".lock"]:
+                os.remove(path)
+                os.rmdir(out_dir)
+            raise
+        finally:
+            f.truncate(0)
+    finally:
+        f.close()  # releases the lock
+
+
+def read_checkpoint(path, map_location="cpu"):
+    if not os.path.exists(path):
+        raise ValueError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location)
+        if not {"model", "config"} <= set(ckpt):
+            raise KeyError("it has no 'model' and 'config' entries")
+    except Exception as err:  # a truncated zip archive, a foreign file, ...: say which file
+        raise ValueError(f"{path} is damaged or not a checkpoint of train.py ({type(err).__name__}: {err})") from None
+    return ckpt
+
+
+def check_out_dir(c, names):
+    """The out_dir rule of the module docstring, checked before anything is written: refuse a run whose
+    settings differ from those of the checkpoints it would continue or overwrite, or of results.json.
+    Returns the results of earlier runs with these settings (kept in results.json)."""
+    settings = {}  # file in out_dir -> the settings of the run that wrote it
+    if c["resume"] or c["save_checkpoint"]:
+        for name in names:
+            path = os.path.join(c["out_dir"], f"ckpt_{name}.pt")
+            if os.path.exists(path):
+                settings[path] = read_checkpoint(path)["config"]
+    path, earlier = os.path.join(c["out_dir"], "results.json"), {}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            settings[path], earlier = saved["config"], saved["methods"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path} is not a results file of train.py ({err}); move it away, or use another "
+                             "--out_dir") from None
+    for path, saved in settings.items():
+        diff = [f"{k}={saved.get(k)!r} there, {c[k]!r} now" for k in c if k not in NOT_THE_RUN and saved.get(k) != c[k]]
+        if diff:
+            raise ValueError(f"{path} comes from a run with other settings: {'; '.join(diff)}. "
+                             "Use that run's settings, or another --out_dir")
+    return earlier
+
+
+def write_results(c, methods):
+    """results.json: every method's row and the run's settings."""
+    text = json.dumps(dict(methods=methods, config=c), indent=1)
+    prepare.write_atomic(os.path.join(c["out_dir"], "results.json"), lambda f: f.write(text.encode()))
+
+
+def write_checkpoint(path, state):
+    prepare.write_atomic(path, lambda f: torch.save(state, f))
+
+
+# -----------------------------------------------------------------------------
+# Data parallel (torchrun): where the ranks talk to each other; without torchrun none of this runs
+
+def differing_settings(configs):
+    """configs: every rank's settings, in rank order. Returns one line per option on which some rank differs."""
+    keys = sorted(set().union(*configs))
+    return [f"--{k}: " + ", ".join(f"rank {r} {cfg.get(k)!r}" for r, cfg in enumerate(configs))
+            for k in keys if any(cfg.get(k) != configs[0].get(k) for cfg in configs)]
+
+
+def check_ranks_agree(c):
+    """Every rank must run the same run: gather every rank's settings and stop on every rank if any differs."""
+    configs = [None] * dist.get_world_size()
+    dist.all_gather_object(configs, c)
+    differ = differing_settings(configs)
+    if differ:
+        raise ValueError("the ranks were started with other settings (every rank must get the same options and "
+                         f"data): {'; '.join(differ)}")
+
+
+def refuse_together(check):
+    """Run check() on this rank; if it raised a ValueError on any rank, raise it on every rank. Without torchrun,
+    just check()."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return check()
+    result, error = None, None
+    try:
+        result = check()
+    except ValueError as err:
+        error = str(err)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        raise ValueError("; ".join(f"rank {r}: {e}" for r, e in failed))
+    return result
+
+
+def average_over_ranks_(tensors):
+    """Replace each float32 tensor by its mean over the ranks: one all-reduce of one flat buffer, not one each."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)  # a sum: gloo has no average
+    flat /= dist.get_world_size()
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
+
+
+def state_hash(model, opt):
+    """sha256 of every byte of the weights (codes, scales, float parameters) and of the optimizer state
+    (moments, master copies, step counts, the rounding generator): equal hashes, bit-identical replicas."""
+    sd, h = opt.state_dict(), hashlib.sha256()
+    optimizer_state = [v for i in sorted(sd["state"]) for v in sd["state"][i].values()]
+    for t in [*model.state_dict().values(), *optimizer_state, sd["generator"]]:
+        h.update(torch.as_tensor(t).detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_replicas(hashes, step, name):
+    """hashes: every rank's state_hash, in rank order. The ranks took the same steps on the same gradients: any
+    difference is a bug or faulty hardware, and every rank, seeing the same hashes, stops with the same error."""
+    differ = [r for r, h in enumerate(hashes) if h != hashes[0]]
+    if differ:
+        raise RuntimeError(f"{name} step {step}: the replicas drifted apart: ranks {differ} hold other weights or "
+                           f"optimizer state than rank 0 (state hashes by rank: {hashes})")
+
+
+# -----------------------------------------------------------------------------
+# The figure (optional matplotlib)
+
+def plot(results, path):
+    """Validation loss, and beside it the fraction of codes moved per step, of every method with a curve."""
+    if not any(r["curve"] for r in results.values()):
+        return  # every method diverged before its first evaluation: nothing to plot
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return  # the plot is optional
+    fig, (ax_loss, ax_moved) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, r in results.items():  # left: validation loss; right: the stall diagnostic of the quantized methods
+        if r["curve"]:
+            ax_loss.plot(*zip(*r["curve"]), label=name, marker=".")
+        if r["moved_curve"]:
+            ax_moved.plot(*zip(*r["moved_curve"]), label=name, marker=".")
+        else:
+            ax_moved.plot([], [])  # keep each method's colour the same in both panels
+    ax_loss.set(xlabel="step", ylabel="validation loss")
+    ax_loss.set_ylim(top=min(r["curve"][0][1] for r in results.values() if r["curve"]) + 0.2)  # skip the start-up
+    ax_moved.set(xlabel="step", ylabel="codes moved per step")
+    if any(moved > 0 for r in results.values() for _, moved in r["moved_curve"]):
+        ax_moved.set_yscale("log")  # the stalled methods sit an order of magnitude below the others
+    ax_loss.legend()
+    fig.tight_layout()
+    prepare.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)

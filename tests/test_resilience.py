@@ -1,0 +1,278 @@
+"""
+A run is its settings and its data, one writer per out_dir, every rank agrees, a step is all or nothing:
+each test tries one way a user can get a silently wrong result, lose one, or half-take a step, and shows
+that it is refused (with a message naming the bad value) or handled, before anything changes.
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import eco
+import prepare
+import quant
+import runs
+import train
+from conftest import ROOT, repo_text, tiny_args
+from model import GPT, GPTConfig
+
+
+def files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()} if folder.exists() else None
+
+
+# -----------------------------------------------------------------------------
+# A run's identity: its data, not the path of its data folder
+
+def test_resume_and_kept_rows_refuse_a_data_folder_re_prepared_from_another_corpus(tmp_path):
+    """The same folder, the same vocabulary size, another corpus: a resume and a kept row are refused, naming
+    data_sha256; the same data under another path is the same run."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    (tmp_path / "a.txt").write_text(repo_text("eco.py", "quant.py"))
+    (tmp_path / "b.txt").write_text(repo_text("model.py", "kernels.py"))
+    prepare.prepare(str(data), str(tmp_path / "a.txt"), vocab_size=300)
+    train.main(tiny_args(data, out, "--methods=eco_sr", "--save_checkpoint=True", "--stop_at=3"))
+    os.rename(data, tmp_path / "moved")  # the same data elsewhere: resumed
+    train.main(tiny_args(tmp_path / "moved", out, "--methods=eco_sr", "--save_checkpoint=True", "--resume=True"))
+    prepare.prepare(str(data), str(tmp_path / "b.txt"), vocab_size=300)
+    before = files(out)
+    for extra in (["--methods=eco_sr", "--resume=True"], ["--methods=master_rtn"]):
+        with pytest.raises(ValueError, match="comes from a run with other settings: data_sha256="):
+            train.main(tiny_args(data, out, *extra))
+    assert files(out) == before
+
+
+def test_init_from_a_checkpoint_with_another_tokenizer_is_refused_before_out_dir_exists(small_data, tmp_path):
+    """Another vocabulary size, or the same size from another corpus (token ids that mean other things)."""
+    train.main(tiny_args(small_data, tmp_path / "pre", "--methods=fp32", "--save_checkpoint=True"))
+    ckpt = tmp_path / "pre" / "ckpt_fp32.pt"
+    (tmp_path / "other.txt").write_text(repo_text("model.py", "kernels.py"))
+    for name, vocab_size in (("bigger", 320), ("same_size", 300)):
+        prepare.prepare(str(tmp_path / name), str(tmp_path / "other.txt"), vocab_size=vocab_size)
+        with pytest.raises(ValueError, match="was trained with another tokenizer"):
+            train.main(tiny_args(tmp_path / name, tmp_path / "out", f"--init_from={ckpt}", "--methods=eco_sr"))
+        assert not (tmp_path / "out").exists()
+    train.main(tiny_args(small_data, tmp_path / "out", f"--init_from={ckpt}", "--methods=eco_sr"))  # its own data
+
+
+# -----------------------------------------------------------------------------
+# One writer per out_dir
+
+def test_a_second_run_into_an_out_dir_in_use_is_refused_naming_the_first_and_a_kill_frees_it(small_data, tmp_path):
+    """The lock is held for the whole run and released by the kernel when its holder dies, even by SIGKILL."""
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, runs\nwith runs.out_dir_lock(sys.argv[1]):\n"
+                               "    print('locked', flush=True)\n    time.sleep(120)", str(out)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = files(out)
+        with pytest.raises(ValueError, match=f"{re.escape(str(out))} is in use by process {holder.pid}"):
+            train.main(tiny_args(small_data, out, "--methods=eco_sr"))
+        assert files(out) == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    train.main(tiny_args(small_data, out, "--methods=eco_sr"))
+    assert (out / "results.json").exists() and (out / ".lock").read_text() == ""
+
+
+def test_a_refused_run_leaves_no_new_out_dir_behind(small_data, tmp_path, monkeypatch):
+    """A run refused once it holds the lock leaves an existing out_dir as it was (but for the empty lock file),
+    and removes an out_dir it created."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("not json")
+    with pytest.raises(ValueError, match="is not a results file of train.py"):
+        train.main(tiny_args(small_data, out, "--methods=eco_sr"))
+    assert sorted(files(out)) == [".lock", "results.json"]
+
+    def refuse(*args):
+        raise ValueError("refused")
+
+    monkeypatch.setattr(runs, "check_out_dir", refuse)
+    with pytest.raises(ValueError, match="refused"):
+        train.main(tiny_args(small_data, tmp_path / "new", "--methods=eco_sr"))
+    assert not (tmp_path / "new").exists()
+
+
+# -----------------------------------------------------------------------------
+# Every rank agrees
+
+def test_differing_settings_names_each_option_and_every_ranks_value():
+    configs = [dict(lr=0.1, stop_at=0, seed=1), dict(lr=0.1, stop_at=3, seed=1), dict(lr=0.2, stop_at=0, seed=1)]
+    assert runs.differing_settings(configs) == ["--lr: rank 0 0.1, rank 1 0.1, rank 2 0.2",
+                                                "--stop_at: rank 0 0, rank 1 3, rank 2 0"]
+    assert runs.differing_settings(configs[:1]) == []
+
+
+@pytest.mark.parametrize("option", ["--stop_at=3", "--grad_accum=2"])
+def test_ranks_started_with_other_options_all_stop_naming_it_before_anything_is_written(small_data, tmp_path, option):
+    """One rank with another --stop_at used to hang the other in an all-reduce; another --grad_accum trained a run
+    that was never asked for. Now every rank stops at once, naming the option and each rank's value."""
+    script = tmp_path / "one_rank_differs.py"
+    script.write_text(f"import os, sys\nsys.path.insert(0, {ROOT!r})\nimport train\n"
+                      f"train.main(sys.argv[1:] + ([{option!r}] if os.environ['RANK'] == '1' else []))\n")
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), *tiny_args(small_data, out)], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    key, value = option[2:].split("=")
+    default = train.DEFAULTS[key]
+    assert run.returncode != 0
+    assert f"the ranks were started with other settings" in run.stderr and \
+        f"--{key}: rank 0 {default}, rank 1 {value}" in run.stderr, run.stderr[-3000:]
+    assert not out.exists()
+
+
+# -----------------------------------------------------------------------------
+# Low-bit storage keeps its dtype; the gradient limit follows the storage of v
+
+@pytest.mark.parametrize("convert", [lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double()])
+def test_a_dtype_conversion_of_a_quantized_model_leaves_codes_and_scales_as_they_are(convert):
+    model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=32))
+    model.quantize_("fp8_e4m3")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    convert(model)
+    for name, t in model.state_dict().items():
+        if name.endswith("weight") and before[name].dtype == torch.float8_e4m3fn or name.endswith("scale"):
+            assert t.dtype == before[name].dtype and torch.equal(t.view(torch.uint8), before[name].view(torch.uint8))
+        else:
+            assert t.dtype != torch.float32, f"{name}: the float parts convert as usual"
+    q = next(m for m in model.modules() if isinstance(m, quant.QuantizedWeight))
+    assert q.weight.scale is q.scale and q.weight.fmt == "fp8_e4m3", "the optimizer still finds the scale"
+
+
+def test_bf16_moments_refuse_a_gradient_whose_square_overflows_bfloat16_and_accept_one_below():
+    """float32 takes |g| up to 1.84e19, bfloat16's v (stochastically rounded) less: such a gradient used to
+    store v = inf, and the weight never moved again."""
+    limit = eco.GRAD_LIMITS["bf16"]
+    assert limit < eco.GRAD_LIMIT
+    for moments in ("fp32", "bf16"):
+        p = nn.Parameter(torch.zeros(64, 64))
+        opt = eco.ECOAdamW([p], lr=1e-3, betas=(0.9, 0.0), moments=moments)
+        p.grad = torch.full((64, 64), (limit + eco.GRAD_LIMIT) / 2)
+        if moments == "bf16":
+            with pytest.raises(quant.NonFiniteError, match="64, 64"):
+                opt.step()
+            assert not opt.state.get(p) and (p == 0).all(), "nothing was updated"
+            p.grad = torch.full((64, 64), limit)
+        opt.step()
+        assert all(torch.isfinite(t.float()).all() for t in opt.state[p].values() if torch.is_tensor(t))
+
+
+# -----------------------------------------------------------------------------
+# A step is all or nothing; a state_dict restores everything that decides the next step
+
+def two_weights(moments="fp32", **kw):
+    g = torch.Generator().manual_seed(0)
+    weights = [quant.QuantizedWeight((16, 300), "fp8_e4m3").set_float_(torch.randn(16, 300, generator=g) * 0.02)
+               for _ in range(2)]
+    opt = eco.ECOAdamW([w.weight for w in weights], lr=1e-3, betas=(0.9, 0.98), eps=1e-9, moments=moments, **kw)
+    for w in weights:
+        w.weight.main_grad = torch.randn(16, 300, generator=g) * 1e-3
+    return weights, opt
+
+
+def snapshot(weights, opt):
+    return [t.clone() for w in weights for t in (w.weight.view(torch.uint8), w.scale)], \
+        {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in opt.state.items()}
+
+
+@pytest.mark.parametrize("group_change", [dict(lr=1e-40), dict(next_lr=1e-40), dict(moments="bf16")])
+def test_a_step_that_would_fail_half_way_is_refused_before_the_first_tensor_changes(group_change):
+    """An lr or next_lr whose injection coefficient overflows float32, and moments changed after the first step
+    (the storage is set once: it used to be ignored, and the optimizer then refused its own state_dict)."""
+    weights, opt = two_weights(injection="next_lr")
+    opt.param_groups[0]["next_lr"] = 1e-3
+    opt.step()
+    for w in weights:
+        w.weight.main_grad = torch.ones(16, 300) * 1e-3
+    before = snapshot(weights, opt)
+    group = dict(opt.param_groups[0])
+    opt.param_groups[0].update(group_change)
+    with pytest.raises(ValueError, match="overflows float32|keeps its moments as 'fp32'"):
+        opt.step()
+    after = snapshot(weights, opt)
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+    assert before[1].keys() == after[1].keys() and all(
+        torch.equal(a, b) if torch.is_tensor(a) else a == b
+        for k in before[1] for a, b in zip(before[1][k].values(), after[1][k].values()))
+    opt.param_groups[0].update(group)
+    opt.load_state_dict(opt.state_dict())  # the optimizer takes back its own state
+    opt.step()
+
+
+def test_a_gradient_of_another_shape_is_refused_before_anything_changes():
+    weights, opt = two_weights()
+    weights[1].weight.main_grad = torch.zeros(300, 16)
+    before = snapshot(weights, opt)
+    with pytest.raises(ValueError, match=r"gradient of shape \(300, 16\).*parameter of shape \(16, 300\)"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before[0], snapshot(weights, opt)[0])) and not opt.state
+
+
+def test_a_torch_adamw_state_dict_is_refused_with_a_clear_error():
+    weights, opt = two_weights()
+    with pytest.raises(ValueError, match="not a state_dict of eco.ECOAdamW"):
+        opt.load_state_dict(torch.optim.AdamW([nn.Parameter(torch.zeros(2))]).state_dict())
+
+
+def test_a_state_dict_restores_the_seed_and_refuses_another_rounding_or_injection():
+    """The fused kernel draws its random numbers from the optimizer's seed: loaded into an optimizer built
+    with another seed, a state continues with the saved one."""
+    weights, opt = two_weights(seed=1)
+    opt.step()
+    saved = opt.state_dict()
+    assert saved["eco"] == dict(optimizer="ECOAdamW", mode="eco", rounding="stochastic", injection="paper", seed=1)
+    _, other = two_weights(seed=2)
+    other.load_state_dict(saved)
+    assert other.seed == 1
+    for kw in (dict(rounding="nearest"), dict(injection="next_lr")):
+        with pytest.raises(ValueError, match="this state was saved by"):
+            two_weights(seed=1, **kw)[1].load_state_dict(saved)
+
+
+# -----------------------------------------------------------------------------
+# Clear errors, before anything is created or built
+
+def test_unavailable_device_and_an_out_dir_that_is_a_file_are_refused_by_parse_args(tmp_path):
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device='cuda' is out of range; accepted: a device this machine has"):
+            train.parse_args(["--device=cuda"])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="--out_dir=.*file.* accepted: a folder"):
+        train.parse_args([f"--out_dir={tmp_path / 'file'}"])
+
+
+def test_without_master_rtn_the_table_shows_no_difference_instead_of_nan(small_data, tmp_path, capsys):
+    train.main(tiny_args(small_data, tmp_path, "--methods=fp32,eco_sr"))
+    table = capsys.readouterr().out.split("method ")[-1]
+    assert "nan" not in table and re.search(r"fp8_eco_sr +\d\.\d{4} +- ", table)
+
+
+def test_prepare_refuses_an_out_dir_that_is_a_file_and_a_bad_vocab_size_before_training_a_bpe(tmp_path, capsys):
+    (tmp_path / "input.txt").write_text(repo_text("quant.py"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        prepare.prepare(str(tmp_path / "file"), str(tmp_path / "input.txt"), vocab_size=300)
+    for bad in (0, 255, 65536):
+        with pytest.raises(ValueError, match=f"vocab_size={bad}; accepted: 256 to 65535"):
+            prepare.prepare(str(tmp_path / "out"), str(tmp_path / "input.txt"), vocab_size=bad)
+    assert "training a byte-level BPE" not in capsys.readouterr().out and not (tmp_path / "out").exists()
+
+
+def test_a_damaged_folder_is_rebuilt_with_its_own_vocabulary_size_and_the_repair_command_says_it(tmp_path):
+    (tmp_path / "input.txt").write_text(repo_text("quant.py"))
+    out = tmp_path / "out"
+    prepare.prepare(str(out), str(tmp_path / "input.txt"), vocab_size=300)
+    (out / "val.bin").write_bytes(b"\0\0")
+    with pytest.raises(ValueError, match=r"prepare it again: python data/prepare.py --input \S+ --out_dir \S+ "
+                                         r"--vocab_size 300"):
+        prepare.load_meta(str(out))
+    assert prepare.prepare(str(out), str(tmp_path / "input.txt"))["bpe_size"] == 300
