@@ -16,8 +16,11 @@ and grows when routing concentrates on a few experts; the GPT adds aux_loss_coef
 
 The expert weights are 3-D tensors [E, out, in], held in quant.FloatWeight so that quant.quantize_linears_
 can swap them for quant.QuantizedWeight (one FP8 scale per expert row): as in the paper, the expert
-Linears are what gets quantized; the router stays in high precision. Experts that receive no token in a
-step get an exactly zero gradient.
+Linears are what gets quantized; the router stays in high precision. A bank is called per expert,
+bank(xe, e) = xe @ W[e]^T, so a quantized bank runs each expert's matmul on its own path (quant.py: FP8
+activations times the stored codes by torch._scaled_mm, or simulated in float32), one launch per expert
+that receives tokens (a grouped FP8 matmul would be one launch for all). Experts that receive no token in
+a step get an exactly zero gradient.
 """
 import torch
 import torch.nn as nn
@@ -57,14 +60,12 @@ class MoE(nn.Module):
         order = flat_experts.argsort(stable=True)
         token = order // self.top_k  # which token each sorted assignment belongs to
         counts = torch.bincount(flat_experts, minlength=self.n_experts).tolist()
-        gate, up, down = self.gate(), self.up(), self.down()  # [E, H, C], [E, H, C], [E, C, H]
-        xs = self.gate.quantize_input(x[token])  # (N*k, C) grouped by expert; FP8 per token if quantized
         outs = []
-        for e, xe in enumerate(xs.split(counts)):
+        for e, xe in enumerate(x[token].split(counts)):  # (n_e, C): the tokens routed to expert e
             if xe.shape[0] == 0:
                 continue  # an idle expert: its weights get an exactly zero gradient
-            h = F.silu(xe @ gate[e].T) * (xe @ up[e].T)  # (n_e, H)
-            outs.append(self.down.quantize_input(h) @ down[e].T)  # (n_e, C)
+            h = F.silu(self.gate(xe, e)) * self.up(xe, e)  # (n_e, H); bank(xe, e) is xe @ W[e]^T
+            outs.append(self.down(h, e))  # (n_e, C)
         y = torch.cat(outs) * weights.flatten()[order, None]  # (N*k, C) weighted by the router
         out = torch.zeros_like(x).index_add_(0, token, y)  # sum each token's k expert outputs
         return out.view(B, T, C)

@@ -33,8 +33,25 @@ The rest of the file is what training needs: QuantizedWeight / QLinear store a w
 backward, as the paper does), and route the float32 weight gradient to `weight.main_grad`, where the
 optimizer (eco.py) reads it. quantize_linears_ swaps a model's Linears for QLinear.
 
-Test: python -m pytest -q test_eco.py -k quant
+The FP8 matmul, two ways (QuantizedWeight.matmul per weight; set_matmul_ for a whole model):
+    simulated  dequantize the codes to float32 and multiply in float32: y = q(x) @ (codes * scale)^T.
+               Runs everywhere: the reference, and the fallback.
+    scaled_mm  torch._scaled_mm multiplies the FP8 codes themselves, sums in float32 and applies both scales
+               at the end: y[t, o] = x_scale[t] * w_scale[o] * sum_i x_codes[t, i] * w_codes[o, i]. One scale per
+               token times one per weight row is exactly its "row-wise" scaling, so it reads the stored codes
+               and no dequantized weight is made. A product of two E4M3 codes is exact in float32: the result
+               differs from the simulated one only by the order and rounding of float32 sums (~1e-7 relative).
+"auto", the default, is scaled_mm on a CUDA GPU whose torch._scaled_mm takes these operands (compute
+capability 8.9 or higher), simulated elsewhere: a CPU run is unchanged unless scaled_mm is forced. (On the
+CPU, torch._scaled_mm is an emulation that dequantizes and multiplies in float32: forcing it there tests the
+path and saves nothing.) Both paths have the same backward, float32 matmuls with the dequantized operands:
+dW = dy^T q(x) into main_grad and dx = dy W (straight-through the activation rounding). Only fp8_e4m3 has
+an FP8 matmul (its activations are FP8 too); the other formats always run simulated. An MoE expert bank
+[E, out, in] runs one matmul per expert.
+
+Test: python -m pytest -q test_eco.py tests/test_quant.py -k "quant or qlinear or moe"
 """
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -197,16 +214,94 @@ def quantize_activations(x, fmt="fp8_e4m3"):
 
 
 # -----------------------------------------------------------------------------
+# The FP8 matmul straight from the codes (torch._scaled_mm), and which path a layer takes
+
+MATMUL_PATHS = ("auto", "scaled_mm", "simulated")
+
+
+def check_matmul_path(path):
+    if path not in MATMUL_PATHS:
+        raise ValueError(f"unknown matmul path {path!r}; accepted: {list(MATMUL_PATHS)}")
+
+
+@functools.cache
+def scaled_mm_available(device):
+    """Whether torch._scaled_mm multiplies our operands on this torch.device: E4M3 codes with float32 row-wise
+    scales, into float32. Asked once per device with a 16 x 16 product rather than read from a table: the
+    answer depends on the GPU (CUDA compute capability 8.9+), the CUDA version and the torch version."""
+    try:
+        codes = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
+        y = torch._scaled_mm(codes, codes.t(), scale_a=torch.ones(16, 1, device=device),
+                             scale_b=torch.ones(1, 16, device=device), out_dtype=torch.float32)
+    except Exception:  # no such op in this torch, no such device here, or not on this one: the answer is no
+        return False
+    return bool((y == 16).all())
+
+
+def matmul_path(device, path="auto"):
+    """The path an FP8 weight set to `path` runs on `device`: "auto" is "scaled_mm" on a CUDA GPU that has it
+    and "simulated" everywhere else (the CPU included, so that CPU results do not change); the others as given."""
+    check_matmul_path(path)
+    if path != "auto":
+        return path
+    device = torch.device(device)
+    return "scaled_mm" if device.type == "cuda" and scaled_mm_available(device) else "simulated"
+
+
+def scaled_mm_takes(shape, device):
+    """Whether torch._scaled_mm takes a weight [..., out, in] on this device: CUDA's kernels need in and out to be
+    multiples of 16 (the codes are read in 16-byte rows); the CPU takes any shape. Others fall back to simulated."""
+    return torch.device(device).type != "cuda" or (shape[-1] % 16 == 0 and shape[-2] % 16 == 0)
+
+
+def fp8_matmul(x, codes, scale):
+    """q(x) @ W^T on FP8 operands: x [..., in] rounded to E4M3 per token (round-to-nearest, the values
+    quantize_activations gives), times the stored E4M3 codes [out, in] with their scales [out, 1]:
+        y[t, o] = x_scale[t] * scale[o] * sum_i x_codes[t, i] * codes[o, i]      (summed in float32)
+    Returns y [..., out] in float32, and the activation codes (N, in) and scales (N, 1) for the backward."""
+    x_codes, x_scale = quantize(x.detach().reshape(-1, x.shape[-1]), "fp8_e4m3", check=False)  # (N, in), (N, 1)
+    # codes.t() is [in, out] column-major, the layout _scaled_mm wants for its second operand: no copy
+    y = torch._scaled_mm(x_codes, codes.t(), scale_a=x_scale, scale_b=scale.view(1, -1), out_dtype=torch.float32)
+    return y.view(*x.shape[:-1], -1), x_codes, x_scale
+
+
+class ScaledMatmul(torch.autograd.Function):
+    """fp8_matmul forward; the simulated path's backward, from the saved codes (1 byte a value, no float copy):
+    dW = dy^T q(x), handed to `accumulate` (main_grad), and dx = dy W, straight-through the activation rounding.
+    `grad_trigger` is an empty tensor that requires grad: autograd calls backward only when an input does, and
+    the weight gradient is needed even when x does not require grad (a first layer)."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scale, accumulate, grad_trigger):
+        y, x_codes, x_scale = fp8_matmul(x, codes, scale)
+        ctx.save_for_backward(x_codes, x_scale, codes, scale)
+        ctx.accumulate, ctx.x_shape = accumulate, x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_codes, x_scale, codes, scale = ctx.saved_tensors
+        dy = dy.reshape(-1, dy.shape[-1])  # (N, out)
+        ctx.accumulate(dy.t() @ dequantize(x_codes, x_scale, "fp8_e4m3"))  # (out, in)
+        dx = (dy @ dequantize(codes, scale, "fp8_e4m3")).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        return dx, None, None, None, None
+
+
+# -----------------------------------------------------------------------------
 # Modules that really store codes + scale
 
 class QuantizedWeight(nn.Module):
     """A weight of any shape stored as codes (`weight`, 1 byte per value) and float32 scales (`scale`).
 
-    There is no high-precision copy between steps. Calling the module returns the dequantized float32
-    weight for one forward pass; its gradient is added (in float32) to `weight.main_grad`, which
-    accumulates across micro-batches like `.grad` and is what eco.py's optimizers read. The codes
-    parameter also carries `.fmt` and `.scale`, so the optimizer can re-quantize it in place.
+    There is no high-precision copy between steps. Calling the module multiplies: self(x) is x @ W^T, and
+    self(x, e) uses expert e of a bank [E, out, in], on the path `matmul` picks. float_weight() is the
+    simulated path's dequantized float32 weight for one forward pass. Either way the gradient is added (in
+    float32) to `weight.main_grad`, which accumulates across micro-batches like `.grad` and is what eco.py's
+    optimizers read. The codes parameter also carries `.fmt` and `.scale`, so the optimizer can re-quantize
+    it in place.
     """
+
+    matmul = "auto"  # which FP8 matmul: "auto", "scaled_mm" or "simulated" (the file's docstring); see set_matmul_
 
     def __init__(self, shape, fmt="fp8_e4m3"):
         super().__init__()
@@ -252,24 +347,46 @@ class QuantizedWeight(nn.Module):
     def dequantized_weight(self):
         return dequantize(self.weight, self.scale, self.fmt)
 
-    def _accumulate_main_grad(self, grad):
-        if self.weight.main_grad is None:
+    def codes_and_scale(self, expert=None):
+        """The stored codes and scales: the whole weight's, or those of expert `expert` of a bank [E, out, in]."""
+        return (self.weight, self.scale) if expert is None else (self.weight[expert], self.scale[expert])
+
+    def _accumulate_main_grad(self, grad, expert=None):
+        if expert is not None:  # one expert of a bank: the others keep theirs (an idle expert's stays exactly 0)
+            if self.weight.main_grad is None:
+                self.weight.main_grad = torch.zeros(self.weight.shape, dtype=torch.float32, device=grad.device)
+            self.weight.main_grad[expert].add_(grad)
+        elif self.weight.main_grad is None:
             self.weight.main_grad = grad.float().clone()
         else:
             self.weight.main_grad.add_(grad)
 
-    def forward(self):
+    def float_weight(self, expert=None):
         # A fresh float32 leaf each forward: autograd computes its gradient even when the layer's input
         # does not require grad, and the hook moves that gradient to main_grad. The leaf is freed with
         # the graph after backward.
-        w = self.dequantized_weight().requires_grad_(True)
+        w = dequantize(*self.codes_and_scale(expert), self.fmt).requires_grad_(True)
         if torch.is_grad_enabled():
-            w.register_hook(self._accumulate_main_grad)
+            w.register_hook(functools.partial(self._accumulate_main_grad, expert=expert))
         return w
 
     def quantize_input(self, x):
         """The paper quantizes the activations entering an FP8 matmul too (per token, round-to-nearest)."""
         return quantize_activations(x, self.fmt) if self.fmt == "fp8_e4m3" else x
+
+    def runs_scaled_mm(self):
+        """Whether forward runs torch._scaled_mm on the codes: an fp8_e4m3 weight whose `matmul` resolves to
+        scaled_mm on its device, in a shape that device takes. Otherwise it runs simulated."""
+        return (self.fmt == "fp8_e4m3" and matmul_path(self.weight.device, self.matmul) == "scaled_mm"
+                and scaled_mm_takes(self.weight.shape, self.weight.device))
+
+    def forward(self, x, expert=None):
+        """x @ W^T (W: the bank's expert `expert` if given), the activations rounded as the format asks."""
+        if not self.runs_scaled_mm():
+            return F.linear(self.quantize_input(x), self.float_weight(expert))
+        accumulate = functools.partial(self._accumulate_main_grad, expert=expert)
+        grad_trigger = torch.empty(0, device=x.device, requires_grad=True)
+        return ScaledMatmul.apply(x, *self.codes_and_scale(expert), accumulate, grad_trigger)
 
     def extra_repr(self):
         return f"shape={tuple(self.weight.shape)}, fmt={self.fmt}"
@@ -283,11 +400,8 @@ class FloatWeight(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(tensor)
 
-    def forward(self):
-        return self.weight
-
-    def quantize_input(self, x):
-        return x
+    def forward(self, x, expert=None):
+        return F.linear(x, self.weight if expert is None else self.weight[expert])
 
 
 class QLinear(QuantizedWeight):
@@ -303,9 +417,6 @@ class QLinear(QuantizedWeight):
             raise TypeError(f"QLinear.from_linear needs a bias-free nn.Linear, got {linear!r}")
         q = cls(linear.in_features, linear.out_features, fmt).to(linear.weight.device)
         return q.set_float_(linear.weight.detach())
-
-    def forward(self, x):
-        return F.linear(self.quantize_input(x), super().forward())
 
 
 def quantize_linears_(model, fmt, include=None):
@@ -353,3 +464,20 @@ def quantize_linears_(model, fmt, include=None):
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, new)
     return len(swapped)
+
+
+def matmul_paths(model):
+    """How many quantized weights of the model run each matmul path where they are now, e.g. {"scaled_mm": 8}."""
+    weights = [m for m in model.modules() if isinstance(m, QuantizedWeight)]
+    paths = ["scaled_mm" if m.runs_scaled_mm() else "simulated" for m in weights]
+    return {path: paths.count(path) for path in sorted(set(paths))}
+
+
+def set_matmul_(model, path):
+    """Set the matmul path ("auto", "scaled_mm" or "simulated") of every quantized weight of the model, in place.
+    Returns matmul_paths(model): what runs on the model's device (set the path after moving the model)."""
+    check_matmul_path(path)
+    for m in model.modules():
+        if isinstance(m, QuantizedWeight):
+            m.matmul = path
+    return matmul_paths(model)

@@ -75,6 +75,8 @@ beta2 = 0.98
 eps = 1e-9
 weight_decay = 0.1
 grad_clip = 1.0  # clip the global gradient norm to this (0: no clipping)
+dtype = "float32"  # the float parts of the quantized methods: float32, or bfloat16 under autocast (the GPU's)
+fp8_matmul = "auto"  # FP8 matmuls: scaled_mm (torch._scaled_mm from the codes), simulated, or auto (quant.py)
 moments = "fp32"  # how the AdamW moments are stored: fp32 (the paper), bf16 or fp8 (eco.py)
 injection = "paper"  # ECO's coefficient: "paper" (constant lr) or "next_lr" (follows the schedule; eco.py)
 # evaluation, logging, checkpoints
@@ -92,10 +94,11 @@ DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 
 PRESETS = {  # applied before the command line, so explicit overrides still win
     "gpu": dict(n_layer=8, n_head=8, n_embd=576, block_size=512, batch_size=32, max_steps=4000, lr=1.5e-3,
-                eval_interval=250, eval_batches=40, log_interval=50),
+                eval_interval=250, eval_batches=40, log_interval=50, dtype="bfloat16",
+                methods="fp32,bf16,master_rtn,naive_rtn,naive_sr,eco_rtn,eco_sr"),
 }
-ALL_METHODS = {  # short name -> (optimizer mode, rounding); fp32 trains without quantization
-    "fp32": (None, None), "master_rtn": ("master", "nearest"), "naive_rtn": ("naive", "nearest"),
+ALL_METHODS = {  # short name -> (optimizer mode, rounding); fp32 and bf16 train without quantization
+    "fp32": (None, None), "bf16": (None, None), "master_rtn": ("master", "nearest"), "naive_rtn": ("naive", "nearest"),
     "naive_sr": ("naive", "stochastic"), "eco_rtn": ("eco", "nearest"), "eco_sr": ("eco", "stochastic"),
 }
 MODEL_KEYS = ("model", "n_layer", "n_head", "n_embd", "block_size", "n_experts", "top_k")
@@ -152,7 +155,8 @@ def check_ranges(c):
         raise ValueError(f"--methods={c['methods']}: unknown {bad}; accepted: {','.join(ALL_METHODS)}")
     need(len(set(names)) == len(names), "methods", "each method at most once")
     for key, accepted in (("fmt", quant.FORMATS), ("model", ("dense", "moe")), ("moments", eco.MOMENTS),
-                          ("injection", eco.INJECTIONS)):
+                          ("injection", eco.INJECTIONS), ("dtype", ("float32", "bfloat16")),
+                          ("fp8_matmul", quant.MATMUL_PATHS)):
         need(c[key] in accepted, key, ", ".join(accepted))
     for key in ("n_layer", "n_head", "n_embd", "block_size", "n_experts", "batch_size", "max_steps",
                 "eval_interval", "eval_batches", "log_interval"):
@@ -234,12 +238,13 @@ def memory_bytes(model, opt):
 
 
 @torch.no_grad()
-def evaluate(model, val_data, c, dev):
+def evaluate(model, val_data, c, dev, amp=contextlib.nullcontext()):
     """The mean loss of the fixed validation batches. Rank r of N evaluates batches r, r + N, ... and the sums are
     added up: one process's result up to the order of a float64 sum."""
     model.eval()
-    total = sum(model(*get_batch(val_data, i, c, dev, stream=VAL))[1].item()
-                for i in range(RANK, c["eval_batches"], WORLD_SIZE))
+    with amp:
+        total = sum(model(*get_batch(val_data, i, c, dev, stream=VAL))[1].item()
+                    for i in range(RANK, c["eval_batches"], WORLD_SIZE))
     model.train()
     if TORCHRUN:
         total = torch.tensor(total, dtype=torch.float64, device=dev)
@@ -347,12 +352,15 @@ def train_method(short, c, cfg, init_state, train_data, val_data, meta, dev):
     # Build this method's model and optimizer: only the optimizer's mode and rounding differ
     mode, rounding = ALL_METHODS[short]
     name = method_name(short, c)
+    if dev.startswith("cuda"):  # this method's peak: weights, optimizer state, activations and temporaries
+        torch.cuda.reset_peak_memory_stats(dev)
     torch.manual_seed(c["seed"])
     model = GPT(cfg)
     model.load_state_dict(init_state)
     if mode is not None:
         model.quantize_(c["fmt"])
     model.to(dev)
+    matmul = quant.set_matmul_(model, c["fp8_matmul"])  # {path: how many weights run it}
     decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices, expert banks, embeddings
     no_decay = [p for p in model.parameters() if p.dim() < 2]  # norm gains
     assert len(decay) + len(no_decay) == len(list(model.parameters())) == len({id(p) for p in decay + no_decay})
@@ -360,6 +368,10 @@ def train_method(short, c, cfg, init_state, train_data, val_data, meta, dev):
                        lr=c["lr"], betas=(c["beta1"], c["beta2"]), eps=c["eps"], mode=mode or "master",
                        rounding=rounding or "nearest", seed=c["seed"], moments=c["moments"], injection=c["injection"])
     forward = torch.compile(model) if c["compile"] else model
+    # bf16: the float model in bfloat16 with float32 master weights (the GPU baseline); --dtype=bfloat16: the float
+    # parts of the quantized methods too. Autocast runs matmuls (forward and backward) in bfloat16, norms in float32.
+    dtype = "bfloat16" if short == "bf16" or (mode is not None and c["dtype"] == "bfloat16") else "float32"
+    amp = torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")  # a context
     ckpt_path = os.path.join(c["out_dir"], f"ckpt_{name}.pt")
     start, curve, moved_curve, train_time, diverged = 0, [], [], 0.0, False
     if c["resume"] and os.path.exists(ckpt_path):
@@ -374,12 +386,13 @@ def train_method(short, c, cfg, init_state, train_data, val_data, meta, dev):
     qparams = [p for p in model.parameters() if eco.is_quantized(p)]
     n_quantized = sum(p.numel() for p in qparams)
     moved, moved_steps = torch.zeros((), device=dev), 0
-    print(f"\n{name}: mode={mode or 'plain AdamW, no quantization'} rounding={rounding or '-'}")
+    print(f"\n{name}: mode={mode or 'plain AdamW, no quantization'} rounding={rounding or '-'} {dtype}"
+          + (f" | FP8 matmuls: {matmul} | fused ECO kernel: {opt.fused}" if qparams else ""))
     if c["resume"]:
         print(f"{name}: resuming from {ckpt_path} at step {start}" if start else
               f"{name}: no checkpoint at {ckpt_path} yet, starting from step 0")
     if c["init_from"] and start == 0:  # fine-tuning: the loss of the freshly quantized checkpoint
-        curve.append([0, evaluate(forward, val_data, c, dev)])
+        curve.append([0, evaluate(forward, val_data, c, dev, amp)])
         print(f"{name} step 0: val loss {curve[-1][1]:.4f}")
 
     # -------------------------------------------------------------------------
@@ -391,7 +404,8 @@ def train_method(short, c, cfg, init_state, train_data, val_data, meta, dev):
         try:
             loss_value = 0.0  # the mean loss of this step's micro-batches
             for k in range(c["grad_accum"]):
-                _, loss = forward(*get_batch(train_data, step, c, dev, TRAIN, micro=RANK * c["grad_accum"] + k))
+                with amp:
+                    _, loss = forward(*get_batch(train_data, step, c, dev, TRAIN, micro=RANK * c["grad_accum"] + k))
                 loss_value += loss.item() / c["grad_accum"]
                 (loss / c["grad_accum"]).backward()  # .grad and main_grad add up: the mean over micro-batches
             if TORCHRUN:
@@ -427,7 +441,7 @@ def train_method(short, c, cfg, init_state, train_data, val_data, meta, dev):
             print(f"{name} step {done}/{end} | loss {loss_value:.4f} | lr {get_lr(step, c):.2e} | "
                   f"{tok_s:,.0f} tok/s | ETA {eta:.0f}s")
         if done % c["eval_interval"] == 0 or done == end:
-            curve.append([done, evaluate(forward, val_data, c, dev)])
+            curve.append([done, evaluate(forward, val_data, c, dev, amp)])
             if TORCHRUN:  # are the replicas still bit-identical?
                 hashes = [None] * WORLD_SIZE
                 dist.all_gather_object(hashes, runs.state_hash(model, opt))
@@ -454,7 +468,9 @@ def train_method(short, c, cfg, init_state, train_data, val_data, meta, dev):
         bytes_per_other_param=(mem["other_weights"] + mem["other_state"]) / max(mem["other_params"], 1),
         quantized_params=mem["q_params"], other_params=mem["other_params"],
         tokens_per_s=done * tokens_per_step / max(train_time, 1e-9), state_hash=runs.state_hash(model, opt),
-        curve=curve, moved_curve=moved_curve, moved=moved_curve[-1][1] if moved_curve else None)
+        curve=curve, moved_curve=moved_curve, moved=moved_curve[-1][1] if moved_curve else None,
+        peak_memory=torch.cuda.max_memory_allocated(dev) if dev.startswith("cuda") else None, fused=opt.fused,
+        dtype=dtype, matmul=matmul)
     if c["sample_tokens"] and not diverged and RANK == 0:
         enc = prepare.load_tokenizer(os.path.join(c["data_dir"], meta["tokenizer"]))
         start_ids = torch.tensor([enc.encode_ordinary("\n")], device=dev)
@@ -468,20 +484,24 @@ def train_method(short, c, cfg, init_state, train_data, val_data, meta, dev):
 def report(results, c):
     baseline = next((n for n in results if n.endswith("master_rtn")), None)
     last_step = lambda r: r["curve"][-1][0] if r["curve"] else None  # rows kept from a run stopped elsewhere
+    peak = any(r.get("peak_memory") is not None for r in results.values())  # CUDA only
     print(f"\n{'method':<17}{'val loss':>9}{'vs master':>11}{'B/param':>9}{'B/qparam':>10}{'B/other':>9}{'tok/s':>9}"
-          f"{'moved':>8}")
+          f"{'moved':>8}" + (f"{'peak MiB':>10}" if peak else ""))
     for name, r in results.items():
         same_step = baseline and last_step(r) == last_step(results[baseline])  # else: no difference to show
         delta = f"{r['val_loss'] - results[baseline]['val_loss']:+.4f}" if same_step else "-"
         loss = "diverged" if r["diverged"] else f"{r['val_loss']:.4f}"
         moved = "-" if r["moved"] is None else f"{r['moved']:.1%}"
         print(f"{name:<17}{loss:>9}{delta:>11}{r['bytes_per_param']:>9.2f}{r['bytes_per_quantized_param']:>10.2f}"
-              f"{r['bytes_per_other_param']:>9.2f}{r['tokens_per_s']:>9,.0f}{moved:>8}")
+              f"{r['bytes_per_other_param']:>9.2f}{r['tokens_per_s']:>9,.0f}{moved:>8}"
+              + (f"{(r.get('peak_memory') or float('nan')) / 2**20:>10,.0f}" if peak else ""))
     elsewhere = [f"{n} (step {last_step(r)})" for n, r in results.items() if last_step(r) != (c["stop_at"] or c["max_steps"])]
     if elsewhere:
         print(f"note: stopped at another step than {c['stop_at'] or c['max_steps']}: {', '.join(elsewhere)}")
     print("B/param: weights + scales + master copy + optimizer moments per parameter (all, quantized, the rest)")
     print("moved: quantized weights whose stored code changed, per step, mean over the last evaluation interval")
+    if peak:
+        print("peak MiB: torch.cuda.max_memory_allocated during the method (weights, state, activations, temporaries)")
     print(f"wrote {os.path.join(c['out_dir'], 'results.json')}")
     runs.plot(results, os.path.join(c["out_dir"], "curves.png"))
 
