@@ -2344,7 +2344,7 @@ def test_train_rejects_bad_options():
         train.parse_args(["--learning_rate=1"])
     with pytest.raises(ValueError, match="--max_steps=ten: expected int"):
         train.parse_args(["--max_steps=ten"])
-    with pytest.raises(ValueError, match="unknown \\['eco_fp4'\\]; accepted: fp32,master_rtn"):
+    with pytest.raises(ValueError, match="unknown \\['eco_fp4'\\]; accepted: fp32,bf16,master_rtn"):
         train.parse_args(["--methods=eco_fp4"])
     with pytest.raises(ValueError, match="'fp4'.*accepted"):
         train.parse_args(["--fmt=fp4"])
