@@ -23,8 +23,11 @@ replicas, which take the same step on the same gradient, are compared by hash at
 import contextlib
 import hashlib
 import json
+import math
 import os
+import subprocess
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -40,7 +43,7 @@ except ImportError:  # Windows: no lock, the rest holds
 # Options that leave the training trajectory alone (how far it goes, what is logged, where the files are, on
 # what device): the runs of one out_dir, a --resume included, may differ in these
 NOT_THE_RUN = ("out_dir", "data_dir", "resume", "stop_at", "log_interval", "sample_tokens", "device", "compile",
-               "save_checkpoint", "methods", "grad_accum", "world_size")
+               "save_checkpoint", "methods", "grad_accum", "world_size", "seeds", "jobs")
 # grad_accum and world_size change the run only through their product, the config's micro_batches: the same
 # micro-batches make up each step however they are split over ranks, so a run may move to more processes
 
@@ -128,9 +131,9 @@ def check_out_dir(c, names):
     return earlier
 
 
-def write_results(c, methods):
-    """results.json: every method's row and the run's settings."""
-    text = json.dumps(dict(methods=methods, config=c), indent=1)
+def write_results(c, methods, **more):
+    """results.json: every method's row (with several seeds: their summary, and each seed's rows) and the settings."""
+    text = json.dumps(dict(methods=methods, config=c, **more), indent=1)
     prepare.write_atomic(os.path.join(c["out_dir"], "results.json"), lambda f: f.write(text.encode()))
 
 
@@ -205,6 +208,110 @@ def check_replicas(hashes, step, name):
 
 
 # -----------------------------------------------------------------------------
+# Several seeds: a difference between two methods is a claim only with its interval
+
+def t_quantile(df, p=0.975):
+    """The p-quantile of Student's t distribution with df degrees of freedom (2.776 for df = 4): bisection on
+    its CDF, integrated with Simpson's rule (no scipy needed; accurate to about 1e-7 for the df used here)."""
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    pdf = lambda x: math.exp(log_c - (df + 1) / 2 * math.log1p(x * x / df))
+
+    def cdf(x, n=2000):  # 1/2 + the integral of the pdf from 0 to x (n even)
+        h = x / n
+        return 0.5 + h / 3 * sum((1 if i in (0, n) else 4 if i % 2 else 2) * pdf(i * h) for i in range(n + 1))
+    lo, hi = 0.0, 1000.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def seed_dirs(c):
+    """{seed: its sub-folder of out_dir} for seeds seed .. seed+seeds-1."""
+    return {s: os.path.join(c["out_dir"], f"seed_{s}") for s in range(c["seed"], c["seed"] + c["seeds"])}
+
+
+def finished(c, names):
+    """The rows of a sub-folder whose results.json has these settings and every method at the last step, else None."""
+    path = os.path.join(c["out_dir"], "results.json")
+    try:
+        rows = check_out_dir(dict(c, resume=False, save_checkpoint=False), names)
+    except ValueError:
+        return None  # another run's, or damaged: train it again (which refuses, naming why)
+    done = all(n in rows and rows[n]["curve"] and rows[n]["curve"][-1][0] == c["max_steps"] for n in names)
+    return {n: rows[n] for n in names} if done and os.path.exists(path) else None
+
+
+def train_seeds(c, names, script, defaults):
+    """--seeds=N: train seed s in out_dir/seed_<s> with `python train.py --seed=s --out_dir=...` and every other
+    option as given, `jobs` processes at a time (one thread each when jobs > 1, so they do not fight over cores);
+    each logs to its folder's log.txt. A seed whose folder already holds finished results with these settings is
+    not trained again, so the command resumes after a kill (with --resume=True, from the checkpoints too).
+    Returns {seed: {method: row}}."""
+    passed = [f"--{k}={c[k]}" for k in defaults if k not in ("seed", "seeds", "jobs", "out_dir", "preset")]
+    todo, rows = [], {}
+    for seed, sub in seed_dirs(c).items():
+        sub_c = dict(c, seed=seed, seeds=1, jobs=1, out_dir=sub)
+        rows[seed] = finished(sub_c, names)
+        if rows[seed] is None:
+            todo.append((seed, sub))
+        else:
+            print(f"seed {seed}: finished in {sub}")
+    env = dict(os.environ, OMP_NUM_THREADS="1") if c["jobs"] > 1 else dict(os.environ)
+    running, failed = [], []
+    while todo or running:
+        while todo and len(running) < c["jobs"]:
+            seed, sub = todo.pop(0)
+            os.makedirs(sub, exist_ok=True)
+            log = open(os.path.join(sub, "log.txt"), "a")
+            cmd = [sys.executable, script, *passed, f"--seed={seed}", "--seeds=1", "--jobs=1", f"--out_dir={sub}"]
+            print(f"seed {seed}: training in {sub} (log: {log.name})", flush=True)
+            running.append((seed, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        time.sleep(1)
+        for item in [r for r in running if r[1].poll() is not None]:
+            running.remove(item)
+            seed, proc, log = item
+            log.close()
+            if proc.returncode:
+                failed.append(f"seed {seed} (exit {proc.returncode}, see {log.name})")
+            else:
+                with open(os.path.join(seed_dirs(c)[seed], "results.json")) as f:
+                    methods = json.load(f)["methods"]
+                rows[seed] = {n: methods[n] for n in names}
+    if failed:
+        raise RuntimeError(f"some seeds failed: {', '.join(failed)}; the others are kept, rerun to finish")
+    return rows
+
+
+def summarize(rows, baseline):
+    """rows: {seed: {method: row}}. Per method: the final validation losses, their mean and standard deviation,
+    and the paired differences to `baseline` (same seed) with the mean and its 95% t-interval."""
+    seeds = sorted(rows)
+    summary = {}
+    for name in rows[seeds[0]]:
+        losses = [rows[s][name]["val_loss"] for s in seeds]
+        mean = sum(losses) / len(losses)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in losses) / (len(losses) - 1)) if len(losses) > 1 else float("nan")
+        summary[name] = dict(val_losses=losses, mean=mean, sd=sd)
+        if baseline in rows[seeds[0]]:
+            diffs = [rows[s][name]["val_loss"] - rows[s][baseline]["val_loss"] for s in seeds]
+            diff, half = paired_interval(diffs)
+            summary[name].update(differences=diffs, difference=diff, interval=[diff - half, diff + half])
+    return summary
+
+
+def paired_interval(differences, level=0.95):
+    """(mean, half-width) of the level confidence interval of the mean of paired differences (one per seed),
+    from the t distribution with n - 1 degrees of freedom; half-width nan for a single seed."""
+    n = len(differences)
+    mean = sum(differences) / n
+    if n < 2:
+        return mean, float("nan")
+    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1))
+    return mean, t_quantile(n - 1, 1 - (1 - level) / 2) * sd / math.sqrt(n)
+
+
+# -----------------------------------------------------------------------------
 # The figure (optional matplotlib)
 
 def plot(results, path):
@@ -231,6 +338,31 @@ def plot(results, path):
     if any(moved > 0 for r in results.values() for _, moved in r["moved_curve"]):
         ax_moved.set_yscale("log")  # the stalled methods sit an order of magnitude below the others
     ax_loss.legend()
+    fig.tight_layout()
+    prepare.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
+def plot_intervals(summary, path):
+    """Each method's mean paired difference to master weights with its 95% interval, one row per method."""
+    rows = [(name, r) for name, r in summary.items() if "interval" in r and not name.endswith("master_rtn")]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return  # the plot is optional
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.2))
+    for y, (name, r) in enumerate(rows):
+        lo, hi = r["interval"]
+        ax.errorbar(r["difference"], y, xerr=[[r["difference"] - lo], [hi - r["difference"]]], fmt="o", capsize=4)
+        ax.plot(r["differences"], [y] * len(r["differences"]), "k.", alpha=0.3)  # one dot per seed
+    ax.axvline(0, color="k", linewidth=0.8)
+    ax.set(yticks=range(len(rows)), yticklabels=[n for n, _ in rows], xlabel="validation loss minus master weights' "
+           "(same seed): mean and 95% interval")
+    ax.invert_yaxis()
     fig.tight_layout()
     prepare.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)

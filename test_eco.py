@@ -2487,7 +2487,7 @@ BAD_OPTIONS = [  # (arguments, what the error must say)
     (["--top_k=9"], "--top_k=9 .*n_experts=8"), (["--top_k=0"], "--top_k=0 "),
     (["--n_head=3"], "--n_embd=64 .*n_head=3"), (["--n_embd=66"], "--n_embd=66 .*even"),
     (["--device=gpu"], "--device='gpu' .*cuda:N"), (["--sample_tokens=-1"], "--sample_tokens=-1 "),
-    (["--seed=-1"], "--seed=-1 "), (["--seed=4294967296"], "--seed=4294967296 "),
+    (["--seed=-1"], "--seed=-1 "), (["--seeds=0"], "--seeds=0 "), (["--seeds=2", "--jobs=3"], "--jobs=3 .*seeds=2"),
     (["--model=sparse"], "--model='sparse' .*dense, moe"), (["--moments=int8"], "--moments='int8' .*fp32"),
     (["--injection=exact"], "--injection='exact' .*next_lr"), (["--methods=eco_sr,eco_sr"], "--methods='eco_sr,eco_sr' "),
 ]
@@ -2720,43 +2720,54 @@ def test_two_ranks_of_two_micro_batches_match_one_process_of_four_to_float32_rou
 
 
 def test_micro_batch_0_is_the_batch_of_a_plain_run_and_every_micro_batch_is_its_own(small_data):
+    """get_batch is the formula below: numpy's generator keyed by (seed, stream, step, micro) for training and by
+    (stream, step) alone for validation; every (step, micro) of a run, however large, gets a batch of its own."""
     c = train.parse_args(tiny_train_args(small_data[0], "unused"))
     data = np.memmap(os.path.join(small_data[0], "train.bin"), dtype=np.uint16, mode="r")
 
     def plain_batch(step, stream):  # the formula of a run without micro-batches, written out
-        g = torch.Generator().manual_seed((c["seed"] * 2 + stream) * 2**32 + step)
-        ix = torch.randint(len(data) - c["block_size"] - 1, (c["batch_size"],), generator=g).tolist()
+        key = [c["seed"], train.TRAIN, step, 0] if stream == train.TRAIN else [train.VAL, step]
+        ix = np.random.default_rng(key).integers(len(data) - c["block_size"] - 1, size=c["batch_size"])
         x = np.stack([data[i:i + c["block_size"]] for i in ix]).astype(np.int64)
         y = np.stack([data[i + 1:i + 1 + c["block_size"]] for i in ix]).astype(np.int64)
         return torch.from_numpy(x), torch.from_numpy(y)
 
-    for step in (0, 5, 2**20 - 1):  # 2^20 - 1: the last step that train.py allows with several micro-batches
+    for step in (0, 5, 2**40):
         for stream in (train.TRAIN, train.VAL):
             x, y = train.get_batch(data, step, c, "cpu", stream, micro=0)
             want_x, want_y = plain_batch(step, stream)
             assert torch.equal(x, want_x) and torch.equal(y, want_y) and x.shape == (4, 16)
             assert torch.equal(x, train.get_batch(data, step, c, "cpu", stream)[0])  # micro=0 is the default
             assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one token
-    # 4 steps x 4 micro-batches, the largest step included: sixteen different batches
+    # 4 steps x 4 micro-batches, a huge step and micro-batch included: sixteen different batches
     batches = [train.get_batch(data, step, c, "cpu", train.TRAIN, micro=micro)[0]
-               for step in (0, 1, 5, 2**20 - 1) for micro in range(4)]
+               for step in (0, 1, 5, 2**40) for micro in (0, 1, 2, 2**20)]
     for i in range(len(batches)):
         for j in range(i):
             assert not torch.equal(batches[i], batches[j]), (i, j)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--grad_accum=0"], "--grad_accum=0 is out of range; accepted: an integer >= 1, at most 4096"),
-    (["--grad_accum=4097"], "--grad_accum=4097 is out of range; accepted: an integer >= 1, at most 4096"),
-    (["--max_steps=2000000", "--grad_accum=2"], "--max_steps=2000000 is out of range; accepted: at most 2\\^20"),
-])
-def test_parse_args_rejects_micro_batches_that_get_batch_cannot_number(argv, message):
-    # get_batch's seed holds [micro: 12 bits | step: 20 bits] in the 32 that torch's CPU generator keeps
-    with pytest.raises(ValueError, match=message):
-        train.parse_args(argv)
-    # the limits themselves are accepted, and a plain run (one micro-batch) may be as long as it likes
-    assert train.parse_args(["--grad_accum=4096", f"--max_steps={2**20}"])["micro_batches"] == 4096
-    assert train.parse_args(["--max_steps=2000000"])["micro_batches"] == 1
+def test_a_seed_changes_the_batches_the_initial_weights_and_the_rounding_draws_but_not_the_validation_set(small_data):
+    """Two seeds share no training batch and no stream seed, and score on the same validation batches; the streams
+    of one seed (initial weights, rounding, sample) are distinct too."""
+    data = np.memmap(os.path.join(small_data[0], "train.bin"), dtype=np.uint16, mode="r")
+    c1, c2 = (train.parse_args(tiny_train_args(small_data[0], "unused", f"--seed={s}")) for s in (1, 2))
+    for step in range(20):
+        assert not torch.equal(train.get_batch(data, step, c1, "cpu", train.TRAIN)[0],
+                               train.get_batch(data, step, c2, "cpu", train.TRAIN)[0])
+        assert torch.equal(train.get_batch(data, step, c1, "cpu", train.VAL)[0],
+                           train.get_batch(data, step, c2, "cpu", train.VAL)[0])
+    streams = (train.INIT, train.ROUNDING, train.SAMPLE)
+    seeds = [train.stream_seed(c, stream) for c in (c1, c2) for stream in streams]
+    assert len(set(seeds)) == 6 and all(0 <= s < 2**31 for s in seeds)
+    assert seeds[:3] == [train.stream_seed(c1, stream) for stream in streams], "a function of (seed, stream)"
+
+
+def test_parse_args_takes_any_number_of_micro_batches_and_steps():
+    """get_batch numbers every (step, micro-batch): no limit on either but >= 1."""
+    with pytest.raises(ValueError, match="--grad_accum=0 is out of range; accepted: an integer >= 1"):
+        train.parse_args(["--grad_accum=0"])
+    assert train.parse_args(["--grad_accum=5000", f"--max_steps={2**30}"])["micro_batches"] == 5000
 
 
 @pytest.mark.parametrize("mode", ["eco", "master"])

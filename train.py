@@ -87,7 +87,9 @@ save_checkpoint = False  # write <out_dir>/ckpt_<method>.pt at every evaluation
 resume = False  # continue each method from its checkpoint in out_dir
 stop_at = 0  # stop early at this step (0: run to max_steps); the schedule still spans max_steps
 sample_tokens = 64  # generate this many tokens from each trained model (0: skip)
-seed = 1337
+seed = 1337  # the initial weights, the batch order and the rounding draws, each from its own stream
+seeds = 1  # train seeds seed .. seed+seeds-1, each in out_dir/seed_<s>, and report their mean and intervals
+jobs = 1  # with seeds > 1: how many seeds train at once, one process (and one thread) each
 device = "auto"  # auto: cuda, then mps, then cpu
 compile = False  # torch.compile the model (opt-in)
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
@@ -174,10 +176,11 @@ def check_ranges(c):
     need(0 <= c["weight_decay"] < math.inf, "weight_decay", "a finite number >= 0")
     need(0 <= c["grad_clip"] < math.inf, "grad_clip", "a finite number >= 0 (0: no clipping)")
     need(c["sample_tokens"] >= 0, "sample_tokens", "an integer >= 0")
-    need(0 <= c["seed"] < 2**31, "seed", "an integer in [0, 2^31)")  # get_batch's seeds must fit in 64 bits
-    need(1 <= c["micro_batches"] <= 2**12, "grad_accum", f"an integer >= 1, at most 4096 / {c['world_size']} ranks")
-    need(c["micro_batches"] == 1 or c["max_steps"] <= 2**20, "max_steps", "at most 2^20 with several micro-batches "
-         "per step (see get_batch)")
+    need(c["seed"] >= 0, "seed", "an integer >= 0")
+    need(c["seeds"] >= 1, "seeds", "an integer >= 1")
+    need(1 <= c["jobs"] <= c["seeds"], "jobs", f"1 to seeds={c['seeds']}")
+    need(c["seeds"] == 1 or not TORCHRUN, "seeds", "1 under torchrun (run the seeds one after another)")
+    need(c["micro_batches"] >= 1, "grad_accum", "an integer >= 1")
     need(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", c["device"]), "device", "auto, cpu, cuda, cuda:N or mps")
     here = ["auto", "cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] + \
         ["mps"] * torch.backends.mps.is_available()
@@ -208,16 +211,21 @@ def get_lr(step, c):
     return c["lr"] * (c["final_lr_frac"] + (1 - c["final_lr_frac"]) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-TRAIN, VAL = 0, 1  # random streams for get_batch
+TRAIN, VAL, INIT, ROUNDING, SAMPLE = range(5)  # the random streams of a seed
+
+
+def stream_seed(c, stream):
+    """A seed for one use of --seed (initial weights, rounding draws, the sample), from its own stream: two uses,
+    and two --seed values, never share random numbers by accident."""
+    return int(np.random.default_rng([c["seed"], stream]).integers(2**31))
 
 
 def get_batch(data, step, c, dev, stream, micro=0):
-    """Micro-batch `micro` of a step (rank r reads micro = r x grad_accum + k, k < grad_accum): identical for
-    every method and however a step's micro-batches are split over ranks. torch's CPU generator (mt19937) keeps
-    only the low 32 bits of its seed: [micro: 12 bits | step: 20 bits] (step alone when micro = 0), so seed and
-    stream do not change the batches."""
-    g = torch.Generator().manual_seed((c["seed"] * 2 + stream) * 2**32 + micro * 2**20 + step)
-    ix = torch.randint(len(data) - c["block_size"] - 1, (c["batch_size"],), generator=g).tolist()
+    """Micro-batch `micro` of a step (rank r reads micro = r x grad_accum + k, k < grad_accum): a function of
+    (seed, step, micro) only, so identical for every method and however a step's micro-batches are split over
+    ranks. Validation batch `step` does not depend on the seed: every run is scored on the same held-out set."""
+    key = [c["seed"], TRAIN, step, micro] if stream == TRAIN else [VAL, step]
+    ix = np.random.default_rng(key).integers(len(data) - c["block_size"] - 1, size=c["batch_size"]).tolist()
     x = torch.from_numpy(np.stack([data[i:i + c["block_size"]] for i in ix]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + c["block_size"]] for i in ix]).astype(np.int64))
     return x.to(dev), y.to(dev)
@@ -305,6 +313,13 @@ def main(argv=None):
     if TORCHRUN:
         runs.check_ranks_agree(c)  # the same options and data on every rank, or every rank stops
     names = [method_name(short, c) for short in method_list(c)]
+    if c["seeds"] > 1:  # each seed trains as a run of its own in a sub-folder; then every method's interval
+        with runs.out_dir_lock(c["out_dir"]):
+            rows = runs.train_seeds(c, names, os.path.abspath(__file__), DEFAULTS)
+            summary = runs.summarize(rows, method_name("master_rtn", c))
+            runs.write_results(c, summary, seeds=rows)
+            report_seeds(summary, c)
+        return summary
     with contextlib.ExitStack() as stack:
         def claim_out_dir():  # one run at a time writes to an out_dir (rank 0 writes), with the same settings
             if RANK == 0:
@@ -317,7 +332,7 @@ def main(argv=None):
         cfg = GPTConfig(vocab_size=meta["vocab_size"], block_size=c["block_size"], n_layer=c["n_layer"],
                         n_head=c["n_head"], n_embd=c["n_embd"], mlp=c["model"], n_experts=c["n_experts"],
                         top_k=c["top_k"])
-        torch.manual_seed(c["seed"])
+        torch.manual_seed(stream_seed(c, INIT))
         init_model = GPT(cfg)
         if init_state is None:
             init_state = init_model.state_dict()
@@ -354,7 +369,6 @@ def train_method(short, c, cfg, init_state, train_data, val_data, meta, dev):
     name = method_name(short, c)
     if dev.startswith("cuda"):  # this method's peak: weights, optimizer state, activations and temporaries
         torch.cuda.reset_peak_memory_stats(dev)
-    torch.manual_seed(c["seed"])
     model = GPT(cfg)
     model.load_state_dict(init_state)
     if mode is not None:
@@ -366,7 +380,7 @@ def train_method(short, c, cfg, init_state, train_data, val_data, meta, dev):
     assert len(decay) + len(no_decay) == len(list(model.parameters())) == len({id(p) for p in decay + no_decay})
     opt = eco.ECOAdamW([dict(params=decay, weight_decay=c["weight_decay"]), dict(params=no_decay, weight_decay=0.0)],
                        lr=c["lr"], betas=(c["beta1"], c["beta2"]), eps=c["eps"], mode=mode or "master",
-                       rounding=rounding or "nearest", seed=c["seed"], moments=c["moments"], injection=c["injection"])
+                       rounding=rounding or "nearest", seed=stream_seed(c, ROUNDING), moments=c["moments"], injection=c["injection"])
     forward = torch.compile(model) if c["compile"] else model
     # bf16: the float model in bfloat16 with float32 master weights (the GPU baseline); --dtype=bfloat16: the float
     # parts of the quantized methods too. Autocast runs matmuls (forward and backward) in bfloat16, norms in float32.
@@ -475,7 +489,7 @@ def train_method(short, c, cfg, init_state, train_data, val_data, meta, dev):
         enc = prepare.load_tokenizer(os.path.join(c["data_dir"], meta["tokenizer"]))
         start_ids = torch.tensor([enc.encode_ordinary("\n")], device=dev)
         ids = model.generate(start_ids, c["sample_tokens"], top_k=50,
-                             generator=torch.Generator(device=dev).manual_seed(c["seed"]))
+                             generator=torch.Generator(device=dev).manual_seed(stream_seed(c, SAMPLE)))
         row["sample"] = enc.decode(ids[0].tolist())
         print(f"{name} sample: {row['sample']!r}")
     return row
@@ -504,6 +518,22 @@ def report(results, c):
         print("peak MiB: torch.cuda.max_memory_allocated during the method (weights, state, activations, temporaries)")
     print(f"wrote {os.path.join(c['out_dir'], 'results.json')}")
     runs.plot(results, os.path.join(c["out_dir"], "curves.png"))
+
+
+def report_seeds(summary, c):
+    seeds = f"seeds {c['seed']} .. {c['seed'] + c['seeds'] - 1}"
+    print(f"\n{'method':<17}{'mean val loss':>14}{'sd':>8}   vs master: mean paired difference [95% interval] ({seeds})")
+    for name, r in summary.items():
+        line = f"{name:<17}{r['mean']:>14.4f}{r['sd']:>8.4f}"
+        if "interval" in r and not name.endswith("master_rtn"):
+            lo, hi = r["interval"]
+            verdict = "contains 0: unresolved" if lo <= 0 <= hi else "resolved: " + ("lower" if hi < 0 else "higher")
+            line += f"   {r['difference']:+.4f} [{lo:+.4f}, {hi:+.4f}]  {verdict}"
+        print(line)
+    print("sd: over seeds; the interval: Student's t over the per-seed differences to master weights (same seed: the same "
+          "initial weights, batches and rounding streams)")
+    runs.plot_intervals(summary, os.path.join(c["out_dir"], "intervals.png"))
+    print(f"wrote {os.path.join(c['out_dir'], 'results.json')} (every seed's rows) and intervals.png")
 
 if __name__ == "__main__":
     main()

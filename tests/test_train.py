@@ -2,11 +2,14 @@
 train.py's options for the GPUs people have: the BF16 baseline, bfloat16 float parts, the FP8 matmul path,
 and what a results row records about how it ran. (The core train.py tests are in test_eco.py.)
 """
+import json
 import math
+import re
 
 import pytest
 
 import quant
+import runs
 import train
 from conftest import tiny_args
 
@@ -44,3 +47,39 @@ def test_the_fp8_matmul_path_and_the_fused_kernel_are_recorded_per_method(small_
 def test_bad_dtype_and_matmul_path_are_refused(argv, message):
     with pytest.raises(ValueError, match=message):
         train.parse_args(argv)
+
+
+def test_t_quantiles_and_a_paired_interval():
+    """Student's t quantiles to 4 decimals (tables: 12.7062, 4.3027, 2.7764, 2.2622) and the interval's arithmetic."""
+    assert [round(runs.t_quantile(df), 4) for df in (1, 2, 4, 9)] == [12.7062, 4.3027, 2.7764, 2.2622]
+    mean, half = runs.paired_interval([0.01, 0.02, -0.005, 0.015, 0.0])
+    sd = (sum((d - 0.008) ** 2 for d in [0.01, 0.02, -0.005, 0.015, 0.0]) / 4) ** 0.5
+    assert math.isclose(mean, 0.008) and math.isclose(half, 2.7764451 * sd / 5 ** 0.5, rel_tol=1e-6)
+    assert math.isnan(runs.paired_interval([0.01])[1])
+
+
+def test_several_seeds_train_in_sub_folders_as_single_runs_and_report_paired_intervals(small_data, tmp_path, capsys):
+    """--seeds=2: seed s's rows are exactly those of a plain run with --seed=s; results.json keeps every seed's
+    rows and each method's mean, sd and paired interval to master weights; a second call trains nothing."""
+    args = tiny_args(small_data, tmp_path / "two", "--methods=master_rtn,naive_rtn,eco_sr", "--seeds=2")
+    summary = train.main(args)
+    single = train.main(tiny_args(small_data, tmp_path / "one", "--methods=master_rtn,naive_rtn,eco_sr",
+                                  "--seed=1338"))
+    saved = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert sorted(saved["seeds"]) == ["1337", "1338"] and saved["methods"] == json.loads(json.dumps(summary))
+    for name, row in single.items():
+        assert saved["seeds"]["1338"][name]["val_loss"] == row["val_loss"], name
+        assert saved["seeds"]["1338"][name]["state_hash"] == row["state_hash"], name
+        losses = [saved["seeds"][s][name]["val_loss"] for s in ("1337", "1338")]
+        assert summary[name]["val_losses"] == losses and math.isclose(summary[name]["mean"], sum(losses) / 2)
+        diffs = [saved["seeds"][s][name]["val_loss"] - saved["seeds"][s]["fp8_master_rtn"]["val_loss"]
+                 for s in ("1337", "1338")]
+        lo, hi = summary[name]["interval"]
+        assert math.isclose((lo + hi) / 2, sum(diffs) / 2) and (hi - lo) / 2 >= abs(diffs[0] - diffs[1]) / 2
+    assert summary["fp8_master_rtn"]["interval"] == [0.0, 0.0]
+    out = capsys.readouterr().out
+    assert re.search(r"fp8_eco_sr +\d\.\d{4} +\d\.\d{4} +[+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\]  "
+                     r"(contains 0: unresolved|resolved: (lower|higher))", out)
+    assert (tmp_path / "two" / "seed_1337" / "log.txt").exists()
+    train.main(args)
+    assert "seed 1337: finished in" in capsys.readouterr().out
