@@ -414,9 +414,12 @@ class ECOAdamW(_QuantizedOptimizer):
         _check_choice("mode", mode, MODES)
         self._check_group(defaults, mode)
         super().__init__(params, defaults, mode, rounding, seed, injection)
-        # fused: the ECO step of row-scaled weights runs as one Triton kernel (kernels.py) on CUDA
+        # fused: the ECO step of row-scaled weights runs as one Triton kernel (kernels.py) on CUDA, for the formats,
+        # moments and GPUs kernels.fusable accepts; every other tensor takes the reference path
         self.kernels = None
-        if fused is not False and torch.cuda.is_available() and all(p.is_cuda for p in self._params() if is_quantized(p)):
+        quantized = [(p, moments_format(p, group["moments"])) for group in self.param_groups for p in group["params"]
+                     if is_quantized(p)]
+        if fused is not False and torch.cuda.is_available() and all(p.is_cuda for p, _ in quantized):
             try:
                 import kernels  # imports triton
                 self.kernels = kernels
@@ -424,6 +427,15 @@ class ECOAdamW(_QuantizedOptimizer):
                 pass
         if fused and self.kernels is None:
             raise ValueError("fused=True needs the quantized parameters on CUDA and triton installed; use fused=False")
+        if fused and quantized:
+            capability = torch.cuda.get_device_capability(quantized[0][0].device)  # the one device (checked above)
+            refused = sorted({(p.fmt, m) for p, m in quantized if not self.kernels.fusable(p.fmt, m, capability)})
+            if refused:
+                raise ValueError(
+                    f"fused=True, but the fused kernel cannot step (format, moments) {refused} on this GPU, compute "
+                    f"capability {capability}; accepted: formats {[n for n, f in quant.FORMATS.items() if f.per_row]}, "
+                    f"moments {list(self.kernels.MOMENTS)}, compute capabilities {list(self.kernels.CAPABILITIES)}; "
+                    "fused=None lets them take the reference path")
 
     @property
     def fused(self):
@@ -456,9 +468,12 @@ class ECOAdamW(_QuantizedOptimizer):
             shapes["master"] = (torch.float32, tuple(p.shape))
         return shapes
 
-    def _fusable(self, p, state):  # what the kernel handles; anything else takes the reference path
-        return (self.fused and self.mode == "eco" and quant.FORMATS[p.fmt].per_row
-                and p.shape[-1] <= self.kernels.MAX_ROW and stored_moments(state) in self.kernels.MOMENTS)
+    def _fusable(self, p, state, grad):  # what the kernel takes on this GPU; anything else takes the reference path
+        if not (self.fused and self.mode == "eco" and p.shape[-1] <= self.kernels.MAX_ROW and grad.is_contiguous()
+                and grad.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+            return False  # (a user's float64 or strided main_grad, say: the reference path takes any)
+        capability = torch.cuda.get_device_capability(p.device) if p.is_cuda else None  # None: Triton's interpreter
+        return self.kernels.fusable(p.fmt, stored_moments(state), capability)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -478,7 +493,7 @@ class ECOAdamW(_QuantizedOptimizer):
             hyper = dict(step=state["step"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                          weight_decay=group["weight_decay"])
             next_lr = group["next_lr"] if self.injection == "next_lr" else None
-            if is_quantized(p) and self._fusable(p, state):  # eco as one GPU kernel, moments included
+            if is_quantized(p) and self._fusable(p, state, grad):  # eco as one GPU kernel, moments included
                 kind = stored_moments(state)
                 self.kernels.eco_adamw_fused_(p, p.scale, grad, *(state[k] for k in MOMENT_KEYS[kind]), moments=kind,
                                               **hyper, next_lr=next_lr, fmt=p.fmt, rounding=self.rounding,

@@ -39,10 +39,11 @@ float32 bit pattern and clear the low 16 bits (quant.round_to_bfloat16). FP8: ex
 1 for exp_avg, 2 for exp_avg_sq, so no random number decides two roundings.
 
 The kernel reads function by function against the reference: small @triton.jit helpers named after the
-functions they mirror (load_moments, adamw_update; compute_scale, grid_step, round_to_grid with
-round_nearest_even or round_stochastic; store_moments_ with round_to_bfloat16 or quantize_blocks; uniform
-for the random numbers), and a kernel that calls them in ECOAdamW.step's order with the same variable
-names. Some details make it agree with the PyTorch reference bit for bit:
+functions they mirror (load_codes and load_moments, adamw_update; compute_scale, grid_step, round_to_grid
+with round_nearest_even or round_stochastic; store_codes and store_moments_ with round_to_bfloat16 or
+quantize_blocks; decode_fp8 and encode_fp8 for FP8 bytes; uniform for the random numbers), and a kernel
+that calls them in ECOAdamW.step's order with the same variable names. Some details make it agree with the
+PyTorch reference bit for bit:
   * PyTorch's CPU lerp_ and addcmul_ are fused multiply-adds; we write the same tl.fma, use IEEE
     division and sqrt (div_rn, sqrt_rn), and compile without FMA contraction elsewhere. Every scalar
     (1 - lr * weight_decay, -lr / bc1, math.sqrt(bc2), ...) is computed on the host in float64 and
@@ -56,9 +57,13 @@ names. Some details make it agree with the PyTorch reference bit for bit:
     RTN code in a million).
   * Round-to-nearest keeps the sign of zero: a negative value that rounds to 0 gets the code -0 (0x80
     in E4M3), as torch.round and the cast to float8 give it.
-  * All rounding is done in float32 arithmetic, and only values already on the FP8 grid are cast to
-    float8. (Triton's interpreter, which CI uses, rounds casts to float8e4nv wrongly when the rounding
-    carries into the exponent: 0.4856 became 0.25 instead of 0.5.)
+  * All rounding is done in float32 arithmetic, and nothing is cast to float8: FP8 codes (the weights' and
+    fp8 moments') travel as bytes, which the kernel decodes and encodes with integer operations (decode_fp8,
+    encode_fp8; exact for every finite code and every grid value, -0.0 and subnormals included). So one
+    kernel serves every GPU: Triton has float8e4nv only from compute capability 8.9, and its interpreter,
+    which CI uses, rounds casts to float8e4nv wrongly when the rounding carries into the exponent (0.4856
+    became 0.25 instead of 0.5). fusable says which GPUs (CAPABILITIES) it compiles for; tests/test_kernels.py
+    compiles it for each of them, on the CPU.
 Stochastic rounding draws 24-bit uniforms from Philox keyed by a seed, with a counter per (row, element,
 stream) so that no two rows, and no two streams, share a random number (see uniform); ECOAdamW derives a
 fresh seed from (its seed, step, tensor), so runs are reproducible.
@@ -84,6 +89,14 @@ import quant
 
 MAX_ROW = 16384  # longest row one program handles (rows are kept whole in registers)
 MOMENTS = ("fp32", "bf16", "fp8")  # the moments' storages the kernel handles (eco.py's, all of them)
+# The GPUs, by compute capability (major, minor), the kernel is sent to: Turing and newer, each compiled for in
+# tests/test_kernels.py. The format and the moments' storage do not matter: FP8 travels as bytes, and before 8.0
+# Triton emulates bfloat16's conversions. Measured by compiling: every GPU Triton 3.9's LLVM and ptxas know
+# compiles, Maxwell to Blackwell, except 8.8 (Triton emits too old a PTX version for it) and 10.1 (Jetson Thor
+# under CUDA 12; CUDA 13 calls it 11.0). Those, GPUs before Turing (which Triton and torch.compile no longer
+# support) and any not listed take the reference path.
+CAPABILITIES = ((7, 5), (8, 0), (8, 6), (8, 7), (8, 9), (9, 0),  # Turing (T4), Ampere (A100, A10, RTX 30xx), Ada, Hopper
+                (10, 0), (10, 3), (10, 7), (11, 0), (12, 0), (12, 1))  # Blackwell (B200, B300, Thor, RTX 50xx)
 
 
 # -----------------------------------------------------------------------------
@@ -145,8 +158,8 @@ def round_stochastic(t, u):
 @triton.jit
 def round_to_grid(y, u, RHO: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr):
     """quant.round_to_grid for any tensor y already divided by its scale: stochastic with the uniforms u,
-    or to nearest when u is None. Exact in float32; the result is a grid value, so casting it to the
-    storage dtype is exact (the only kind of cast to float8 we let the interpreter do)."""
+    or to nearest when u is None. Exact in float32; the result is a grid value, so storing it is exact
+    (store_codes)."""
     y = tl.minimum(tl.maximum(y, -RHO), RHO)
     step = grid_step(y, MANTISSA_BITS, MIN_EXPONENT)
     t = y / step  # exact: step is a power of two. Grid points are the integers of t.
@@ -155,6 +168,59 @@ def round_to_grid(y, u, RHO: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_EXPO
     else:
         k = round_stochastic(t, u)
     return k * step
+
+
+@triton.jit
+def decode_fp8(byte, MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr):
+    """The float32 value of FP8 codes read as bytes (torch's .float() of a finite float8 code), with integer
+    operations, so that no GPU needs a float8 type. A byte is sign | exponent field | MANTISSA_BITS mantissa
+    bits, the exponent biased by 1 - MIN_EXPONENT (7 for E4M3, 15 for E5M2). A normal code keeps its
+    exponent and mantissa bits, moved to float32's places and rebiased to 127; exponent field 0 is a
+    subnormal, mantissa * 2^(MIN_EXPONENT - MANTISSA_BITS). The sign bit goes last: 0x80 is -0.0."""
+    code = byte.to(tl.int32)
+    magnitude = code & 0x7F
+    normal = ((magnitude << (23 - MANTISSA_BITS)) + ((126 + MIN_EXPONENT) << 23)).to(tl.float32, bitcast=True)
+    subnormal = magnitude.to(tl.float32) * 2.0 ** (MIN_EXPONENT - MANTISSA_BITS)  # exact: times a power of two
+    x = tl.where(magnitude >= (1 << MANTISSA_BITS), normal, subnormal)  # exponent field > 0: normal
+    return (x.to(tl.int32, bitcast=True) | ((code & 0x80) << 24)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def encode_fp8(x, MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr):
+    """decode_fp8 backwards: the FP8 byte of float32 values x already on the format's grid (round_to_grid's
+    output: within +-max, -0.0 and subnormals included), the byte that casting x to float8 gives. A normal x
+    has only its top MANTISSA_BITS mantissa bits set, so its bits shifted right by 23 - MANTISSA_BITS, then
+    rebiased, are exponent field | mantissa; a subnormal x is its mantissa times
+    2^(MIN_EXPONENT - MANTISSA_BITS)."""
+    bits = x.to(tl.int32, bitcast=True)
+    magnitude = bits & 0x7FFFFFFF  # the bits of |x|
+    normal = (magnitude >> (23 - MANTISSA_BITS)) - ((126 + MIN_EXPONENT) << MANTISSA_BITS)
+    small = tl.minimum(tl.abs(x), 2.0 ** MIN_EXPONENT)  # normals capped, so the product below fits an int32
+    subnormal = (small * 2.0 ** (MANTISSA_BITS - MIN_EXPONENT)).to(tl.int32)  # exact: an integer <= 2^M
+    code = tl.where(magnitude >= ((127 + MIN_EXPONENT) << 23), normal, subnormal)  # |x| >= 2^MIN_EXPONENT: normal
+    return (code | ((bits >> 24) & 0x80)).to(tl.uint8)  # the sign: bit 31 to bit 7
+
+
+@triton.jit
+def load_codes(ptrs, mask, MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr):
+    """codes.float() for the codes at ptrs: FP8 codes arrive as bytes (decode_fp8), integer codes
+    (MANTISSA_BITS None) as themselves."""
+    codes = tl.load(ptrs, mask=mask)
+    if MANTISSA_BITS is None:
+        x = codes.to(tl.float32)
+    else:
+        x = decode_fp8(codes, MANTISSA_BITS, MIN_EXPONENT)
+    return x
+
+
+@triton.jit
+def store_codes(ptrs, x, mask, MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr):
+    """quant.quantize's x.to(f.dtype) for float32 grid values x, written to ptrs: exact, as bytes for FP8
+    (encode_fp8), as a cast to the integer type otherwise (MANTISSA_BITS None)."""
+    if MANTISSA_BITS is None:
+        tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptrs, encode_fp8(x, MANTISSA_BITS, MIN_EXPONENT), mask=mask)
 
 
 @triton.jit
@@ -212,18 +278,24 @@ def quantize_blocks(x, mask, u, RHO: tl.constexpr, MANTISSA_BITS: tl.constexpr, 
 
 @triton.jit
 def load_moments(exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr, exp_avg_sq_scale_ptr, offs, mask, row, n_blocks,
-                 MOMENTS: tl.constexpr, BLOCK: tl.constexpr, MOMENT_BLOCK: tl.constexpr):
-    """eco.load_moments: (exp_avg, exp_avg_sq) of one row as float32, from their storage."""
-    exp_avg = tl.load(exp_avg_ptr + offs, mask=mask).to(tl.float32)  # fp32, or an exact cast
-    exp_avg_sq = tl.load(exp_avg_sq_ptr + offs, mask=mask).to(tl.float32)
-    if MOMENTS == "fp8":  # codes of m and of sqrt(v): times their block's scale
+                 MOMENTS: tl.constexpr, M_MANTISSA_BITS: tl.constexpr, M_MIN_EXPONENT: tl.constexpr,
+                 V_MANTISSA_BITS: tl.constexpr, V_MIN_EXPONENT: tl.constexpr, BLOCK: tl.constexpr,
+                 MOMENT_BLOCK: tl.constexpr):
+    """eco.load_moments: (exp_avg, exp_avg_sq) of one row as float32, from their storage. M_* is exp_avg's
+    FP8 format, V_* sqrt(exp_avg_sq)'s."""
+    if MOMENTS == "fp8":  # codes of m and of sqrt(v), as bytes: times their block's scale
         blocks = tl.arange(0, BLOCK // MOMENT_BLOCK)
         block_offs, block_mask = row.to(tl.int64) * n_blocks + blocks, blocks < n_blocks
-        exp_avg = dequantize_blocks(exp_avg, tl.load(exp_avg_scale_ptr + block_offs, mask=block_mask, other=0),
+        exp_avg = dequantize_blocks(load_codes(exp_avg_ptr + offs, mask, M_MANTISSA_BITS, M_MIN_EXPONENT),
+                                    tl.load(exp_avg_scale_ptr + block_offs, mask=block_mask, other=0),
                                     BLOCK, MOMENT_BLOCK)
-        sqrt_v = dequantize_blocks(exp_avg_sq, tl.load(exp_avg_sq_scale_ptr + block_offs, mask=block_mask, other=0),
+        sqrt_v = dequantize_blocks(load_codes(exp_avg_sq_ptr + offs, mask, V_MANTISSA_BITS, V_MIN_EXPONENT),
+                                   tl.load(exp_avg_sq_scale_ptr + block_offs, mask=block_mask, other=0),
                                    BLOCK, MOMENT_BLOCK)
         exp_avg_sq = sqrt_v * sqrt_v
+    else:
+        exp_avg = tl.load(exp_avg_ptr + offs, mask=mask).to(tl.float32)  # fp32, or an exact cast from bf16
+        exp_avg_sq = tl.load(exp_avg_sq_ptr + offs, mask=mask).to(tl.float32)
     return exp_avg, exp_avg_sq
 
 
@@ -238,7 +310,7 @@ def store_moments_(exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr, exp_avg_sq_sc
     if MOMENTS == "bf16":
         exp_avg = round_to_bfloat16(exp_avg, uniform(seed, row, 1, BLOCK))
         exp_avg_sq = round_to_bfloat16(exp_avg_sq, uniform(seed, row, 2, BLOCK))
-    elif MOMENTS == "fp8":
+    if MOMENTS == "fp8":
         exp_avg, exp_avg_scale = quantize_blocks(exp_avg, mask, uniform(seed, row, 1, BLOCK),
                                                  M_RHO, M_MANTISSA_BITS, M_MIN_EXPONENT, BLOCK, MOMENT_BLOCK)
         sqrt_v = tl.sqrt_rn(exp_avg_sq)
@@ -250,8 +322,11 @@ def store_moments_(exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr, exp_avg_sq_sc
         block_offs, block_mask = row.to(tl.int64) * n_blocks + blocks, blocks < n_blocks
         tl.store(exp_avg_scale_ptr + block_offs, exp_avg_scale, mask=block_mask)
         tl.store(exp_avg_sq_scale_ptr + block_offs, exp_avg_sq_scale, mask=block_mask)
-    tl.store(exp_avg_ptr + offs, exp_avg.to(exp_avg_ptr.dtype.element_ty), mask=mask)  # exact: on the grid
-    tl.store(exp_avg_sq_ptr + offs, exp_avg_sq.to(exp_avg_sq_ptr.dtype.element_ty), mask=mask)
+        store_codes(exp_avg_ptr + offs, exp_avg, mask, M_MANTISSA_BITS, M_MIN_EXPONENT)  # as bytes
+        store_codes(exp_avg_sq_ptr + offs, exp_avg_sq, mask, V_MANTISSA_BITS, V_MIN_EXPONENT)
+    else:  # float32, or float32 values on the bfloat16 grid: the cast is exact
+        tl.store(exp_avg_ptr + offs, exp_avg.to(exp_avg_ptr.dtype.element_ty), mask=mask)
+        tl.store(exp_avg_sq_ptr + offs, exp_avg_sq.to(exp_avg_sq_ptr.dtype.element_ty), mask=mask)
 
 
 # -----------------------------------------------------------------------------
@@ -271,10 +346,11 @@ def _eco_adamw_kernel(codes_ptr, scale_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_pt
     mask = cols < n_cols
     offs = row.to(tl.int64) * n_cols + cols
     # load: the stored weight (dequantized), the gradient, the two moments, all as float32
-    weight = tl.load(codes_ptr + offs, mask=mask).to(tl.float32) * tl.load(scale_ptr + row)
+    weight = load_codes(codes_ptr + offs, mask, MANTISSA_BITS, MIN_EXPONENT) * tl.load(scale_ptr + row)
     grad = tl.load(grad_ptr + offs, mask=mask, other=0).to(tl.float32)
     exp_avg, exp_avg_sq = load_moments(exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr, exp_avg_sq_scale_ptr,
-                                       offs, mask, row, n_blocks, MOMENTS, BLOCK, MOMENT_BLOCK)
+                                       offs, mask, row, n_blocks, MOMENTS, M_MANTISSA_BITS, M_MIN_EXPONENT,
+                                       V_MANTISSA_BITS, V_MIN_EXPONENT, BLOCK, MOMENT_BLOCK)
 
     theta, denom, exp_avg, exp_avg_sq = adamw_update(weight, grad, exp_avg, exp_avg_sq,
                                                      decay, lerp_weight, beta2, sq_weight, sqrt_bc2, eps, step_size)
@@ -288,11 +364,20 @@ def _eco_adamw_kernel(codes_ptr, scale_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_pt
         error = theta - new_weight
         exp_avg = tl.fma(alpha * error, denom, exp_avg)  # exp_avg.addcmul_(error, denom, value=alpha)
 
-    tl.store(codes_ptr + offs, codes.to(codes_ptr.dtype.element_ty), mask=mask)
+    store_codes(codes_ptr + offs, codes, mask, MANTISSA_BITS, MIN_EXPONENT)
     tl.store(scale_ptr + row, scale)
     store_moments_(exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr, exp_avg_sq_scale_ptr, exp_avg, exp_avg_sq,
                    offs, mask, row, n_blocks, seed, MOMENTS, M_RHO, M_MANTISSA_BITS, M_MIN_EXPONENT,
                    V_RHO, V_MANTISSA_BITS, V_MIN_EXPONENT, BLOCK, MOMENT_BLOCK)
+
+
+def fusable(fmt, moments, capability):
+    """Whether this kernel can step a weight of format `fmt` (a quant.FORMATS name) whose moments are stored as
+    `moments` ('fp32', 'bf16', 'fp8') on a GPU of compute `capability` (major, minor), or in Triton's interpreter
+    (None: CPU tensors, no architecture). ECOAdamW asks for each tensor and sends a False down the reference
+    path. Needs no GPU."""
+    return (quant.get_format(fmt).per_row and moments in MOMENTS
+            and (capability is None or tuple(capability) in CAPABILITIES))
 
 
 def eco_adamw_fused_(codes, scale, grad, exp_avg, exp_avg_sq, exp_avg_scale=None, exp_avg_sq_scale=None, *,
@@ -301,8 +386,8 @@ def eco_adamw_fused_(codes, scale, grad, exp_avg, exp_avg_sq, exp_avg_scale=None
     The moment tensors are eco.MOMENT_KEYS[moments], in that order: exp_avg, exp_avg_sq (fp32 or bf16), or
     for fp8 the codes of m and of sqrt(v) and their float32 block scales [..., n_blocks]. rounding is the
     weights' ('nearest' or 'stochastic'); compressed moments are always rounded stochastically. next_lr: see
-    eco.injection_coefficient. Row-wise formats only (fp8_e4m3, int8): a per-tensor scale (int4) needs a
-    pass over all rows first. Every check runs before the launch."""
+    eco.injection_coefficient. Row-wise formats only (fp8_e4m3, fp8_e5m2, int8): a per-tensor scale (int4)
+    needs a pass over all rows first; on CUDA, the GPUs in CAPABILITIES. Every check runs before the launch."""
     import eco  # here, not at the top of the file: eco imports kernels
     f = quant.get_format(fmt)
     quant.check_rounding(rounding)
@@ -311,6 +396,10 @@ def eco_adamw_fused_(codes, scale, grad, exp_avg, exp_avg_sq, exp_avg_scale=None
     if not f.per_row:
         raise ValueError(f"fmt={fmt!r} has one scale per tensor; the fused kernel accepts row-wise formats: "
                          f"{[n for n, g in quant.FORMATS.items() if g.per_row]}")
+    capability = torch.cuda.get_device_capability(codes.device) if codes.is_cuda else None  # None: the interpreter
+    if not fusable(fmt, moments, capability):  # format and moments are accepted: the GPU is not
+        raise ValueError(f"the fused kernel does not compile for this GPU, compute capability {capability}; "
+                         f"accepted: {list(CAPABILITIES)}")
     n_cols = codes.shape[-1]
     if n_cols > MAX_ROW:
         raise ValueError(f"row length {n_cols} exceeds the fused kernel's limit of {MAX_ROW}")
@@ -346,9 +435,14 @@ def eco_adamw_fused_(codes, scale, grad, exp_avg, exp_avg_sq, exp_avg_scale=None
     bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
     alpha = eco.injection_coefficient(lr, weight_decay, beta1, bc1, next_lr, 1 - beta1 ** (step + 1))
     BLOCK = max(eco.MOMENT_BLOCK if moments == "fp8" else 4, triton.next_power_of_2(n_cols))  # fp8: whole blocks
+    # FP8 codes travel as bytes, which every GPU loads and stores (Triton's float8e4nv needs sm_89); the kernel
+    # decodes and encodes them itself (decode_fp8, encode_fp8).
+    fp8_dtypes = {g.dtype for g in quant.FORMATS.values() if g.mantissa_bits is not None}
+    as_bytes = lambda t: t.view(torch.uint8) if t.dtype in fp8_dtypes else t
     # The scalars as eco.adamw_update writes them, here in float64; the kernel gets each rounded once to float32.
     _eco_adamw_kernel[(n_rows,)](
-        codes, scale, grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale, n_cols, n_blocks,
+        as_bytes(codes), scale, grad, as_bytes(exp_avg), as_bytes(exp_avg_sq), exp_avg_scale, exp_avg_sq_scale,
+        n_cols, n_blocks,
         1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, math.sqrt(bc2), eps, -lr / bc1, alpha, seed,
         RHO=f.max, MANTISSA_BITS=f.mantissa_bits, MIN_EXPONENT=f.min_exponent,
         STOCHASTIC=rounding == "stochastic", INJECT=alpha != 0.0, MOMENTS=moments,

@@ -276,3 +276,24 @@ def test_a_damaged_folder_is_rebuilt_with_its_own_vocabulary_size_and_the_repair
                                          r"--vocab_size 300"):
         prepare.load_meta(str(out))
     assert prepare.prepare(str(out), str(tmp_path / "input.txt"))["bpe_size"] == 300
+
+
+def test_a_gradient_the_kernel_cannot_take_sends_that_tensor_down_the_reference_path():
+    """A float64, strided main_grad on the second of two weights: the kernel's own checks used to refuse it after the
+    first weight had stepped. Now the first steps in the kernel (Triton's interpreter here), the second on the
+    reference path, exactly as an optimizer without the kernel steps it."""
+    kernels = pytest.importorskip("kernels")
+    steps = {}
+    for fused in (True, False):
+        weights, opt = two_weights(rounding="nearest")
+        if fused:
+            opt.kernels = kernels  # what ECOAdamW sets up on CUDA
+        weights[1].weight.main_grad = weights[1].weight.main_grad.double().t().contiguous().t()
+        assert not weights[1].weight.main_grad.is_contiguous()
+        before = weights[0].weight.view(torch.uint8).clone()
+        opt.step()
+        assert [opt.state[w.weight]["step"] for w in weights] == [1, 1]
+        assert not torch.equal(weights[0].weight.view(torch.uint8), before)
+        steps[fused] = [t.clone() for t in (weights[1].weight.view(torch.uint8), weights[1].scale,
+                                            *opt.state[weights[1].weight].values()) if torch.is_tensor(t)]
+    assert all(torch.equal(a, b) for a, b in zip(steps[True], steps[False]))
