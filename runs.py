@@ -48,9 +48,56 @@ NOT_THE_RUN = ("out_dir", "data_dir", "resume", "stop_at", "log_interval", "samp
 # micro-batches make up each step however they are split over ranks, so a run may move to more processes
 
 
-def data_identity(meta):
-    """What a run records of its data folder (data/prepare.py's meta.json, already checked by load_meta)."""
-    return dict(data_sha256=meta["meta_sha256"], tokenizer_sha256=meta["files"][meta["tokenizer"]]["sha256"])
+def parse_options(argv, defaults, presets):
+    """--key=value overrides of `defaults`, each converted to its default's type; an unknown key lists the valid
+    ones. A --preset's values come first, so explicit overrides still win. Returns the full settings."""
+    overrides = {}
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq:
+            raise ValueError(f"bad argument {arg!r}; use --key=value")
+        if key not in defaults:
+            raise ValueError(f"unknown option --{key}; valid: {', '.join('--' + k for k in defaults)}")
+        kind = type(defaults[key])
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--{key}={value}: expected true or false")
+            overrides[key] = value.lower() in ("true", "1")
+        else:
+            try:
+                overrides[key] = kind(value)
+            except ValueError:
+                raise ValueError(f"--{key}={value}: expected {kind.__name__}") from None
+    config = dict(defaults)
+    if overrides.get("preset", ""):
+        if overrides["preset"] not in presets:
+            raise ValueError(f"unknown preset {overrides['preset']!r}; accepted: {list(presets)}")
+        config.update(presets[overrides["preset"]])
+    config.update(overrides)
+    return config
+
+
+def check_device_and_out_dir(c):
+    """--device must be one this machine has, --out_dir a folder (or nothing yet)."""
+    here = ["auto", "cpu"] + ["cuda"] * torch.cuda.is_available() + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    here += ["mps"] * torch.backends.mps.is_available()
+    if c["device"] not in here:
+        raise ValueError(f"--device={c['device']!r} is out of range; accepted: a device this machine has: "
+                         f"{', '.join(here)} (of auto, cpu, cuda, cuda:N, mps)")
+    if os.path.exists(c["out_dir"]) and not os.path.isdir(c["out_dir"]):
+        raise ValueError(f"--out_dir={c['out_dir']!r} is out of range; accepted: a folder (this is a file)")
+
+
+def open_data(c, prepare_default=True):
+    """The data folder's meta, checked by data/prepare.py's load_meta (the default Shakespeare folder is prepared
+    on first use), and its identity recorded in c: data_sha256 (meta.json's checksum, which covers every file's
+    sha256 and the source) and tokenizer_sha256."""
+    if prepare_default and os.path.realpath(c["data_dir"]) == os.path.realpath(prepare.DEFAULT_DIR):
+        meta = prepare.prepare(prepare.DEFAULT_DIR)  # downloads and tokenizes Shakespeare once
+    else:
+        meta = prepare.load_meta(c["data_dir"])  # refuses a missing, incomplete or damaged folder
+    c.update(data_sha256=meta["meta_sha256"], tokenizer_sha256=meta["files"][meta["tokenizer"]]["sha256"])
+    return meta
 
 
 # -----------------------------------------------------------------------------
@@ -90,6 +137,60 @@ def out_dir_lock(out_dir):
             f.truncate(0)
     finally:
         f.close()  # releases the lock
+
+
+def claim_out_dir(stack, c, names, rank):
+    """One writer per out_dir (rank 0 writes: it holds the lock, for as long as `stack` is open) and the out_dir
+    rule; returns the results of earlier runs with these settings. Refused on every rank together."""
+    def claim():
+        if rank == 0:
+            stack.enter_context(out_dir_lock(c["out_dir"]))
+        return check_out_dir(c, names)
+    earlier = refuse_together(claim)
+    kept = [name for name in earlier if name not in names]
+    if kept:
+        print(f"keeping the results of {', '.join(kept)} from an earlier run with these settings")
+    return earlier
+
+
+def load_init_checkpoint(c, meta, model_keys):
+    """--init_from: the weights of a full-precision checkpoint, which must come with the data's tokenizer, and the
+    architecture that comes with them (written into c). Returns the model's state_dict."""
+    ckpt = read_checkpoint(c["init_from"])
+    if any(t.dtype != torch.float32 for t in ckpt["model"].values()):
+        raise ValueError(f"--init_from={c['init_from']}: expected a full-precision (fp32 method) checkpoint")
+    vocab, tokenizer = ckpt["model"]["embed.weight"].shape[0], ckpt["config"].get("tokenizer_sha256")
+    if vocab != meta["vocab_size"] or tokenizer != c["tokenizer_sha256"]:
+        raise ValueError(f"--init_from={c['init_from']} was trained with another tokenizer ({vocab} tokens, "
+                         f"tokenizer sha256 {tokenizer}) than {c['data_dir']} has ({meta['vocab_size']} tokens, "
+                         f"{c['tokenizer_sha256']}): its token ids would mean other things; fine-tune on data "
+                         "prepared with its tokenizer")
+    changed = [f"{k}={ckpt['config'][k]!r} (not {c[k]!r})" for k in model_keys if ckpt["config"][k] != c[k]]
+    if changed:
+        print(f"--init_from: the architecture comes with the weights: {', '.join(changed)}")
+    c.update({k: ckpt["config"][k] for k in model_keys})
+    return ckpt["model"]
+
+
+def resume_(c, name, model, opt, dev):
+    """--resume=True: load a method's checkpoint into model and opt (its settings were checked by check_out_dir).
+    Returns what the training loop carries on from: (step, curve, moved_curve, train_time)."""
+    path = os.path.join(c["out_dir"], f"ckpt_{name}.pt")
+    if not (c["resume"] and os.path.exists(path)):
+        if c["resume"]:
+            print(f"{name}: no checkpoint at {path} yet, starting from step 0")
+        return 0, [], [], 0.0
+    ckpt = read_checkpoint(path, map_location=dev)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    print(f"{name}: resuming from {path} at step {ckpt['step']}")
+    return ckpt["step"], ckpt["curve"], ckpt["moved_curve"], ckpt["train_time"]
+
+
+def save_checkpoint(c, name, model, opt, **progress):
+    """ckpt_<name>.pt: weights, optimizer state, the run's settings and how far it got (step, curves, clock)."""
+    state = dict(model=model.state_dict(), optimizer=opt.state_dict(), config=c, method=name, **progress)
+    prepare.write_atomic(os.path.join(c["out_dir"], f"ckpt_{name}.pt"), lambda f: torch.save(state, f))
 
 
 def read_checkpoint(path, map_location="cpu"):
@@ -137,12 +238,38 @@ def write_results(c, methods, **more):
     prepare.write_atomic(os.path.join(c["out_dir"], "results.json"), lambda f: f.write(text.encode()))
 
 
-def write_checkpoint(path, state):
-    prepare.write_atomic(path, lambda f: torch.save(state, f))
-
-
 # -----------------------------------------------------------------------------
 # Data parallel (torchrun): where the ranks talk to each other; without torchrun none of this runs
+
+def start_device(dev, local_rank=None):
+    """The device to train on ("auto": cuda, then mps, then cpu). Under torchrun (local_rank given) join the other
+    processes first: one GPU each over NCCL, or CPU processes over gloo."""
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if local_rank is None:
+        return dev
+    dev = f"cuda:{local_rank}" if dev.startswith("cuda") else "cpu"
+    if dev != "cpu":
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend="gloo" if dev == "cpu" else "nccl")
+    return dev
+
+
+def stop_ranks():
+    """Leave together (a rank that tears down its connections while another still works can abort it)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def sum_over_ranks(value):
+    """A float summed over the ranks in float64 (itself without torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return float(value)
+    total = torch.tensor(value, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(total)  # NCCL reduces GPU tensors only, gloo CPU ones
+    return float(total)
+
 
 def differing_settings(configs):
     """configs: every rank's settings, in rank order. Returns one line per option on which some rank differs."""
@@ -180,7 +307,12 @@ def refuse_together(check):
 
 
 def average_over_ranks_(tensors):
-    """Replace each float32 tensor by its mean over the ranks: one all-reduce of one flat buffer, not one each."""
+    """Replace each float32 tensor by its mean over the ranks: one all-reduce of one flat buffer, not one each.
+    train.py averages every gradient this way, .grad and main_grad, not with DistributedDataParallel: DDP averages
+    the .grad of parameters that require grad, and the FP8/int8 codes do not (their gradient is main_grad), so
+    each rank would silently train them on its own batches. With the average, every rank takes the same step on
+    the same gradient, and stochastic rounding draws from the optimizer's generator, seeded alike on every rank:
+    codes, scales and moments stay bit-identical without sending any weights."""
     flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)  # a sum: gloo has no average
     flat /= dist.get_world_size()
@@ -196,6 +328,14 @@ def state_hash(model, opt):
     for t in [*model.state_dict().values(), *optimizer_state, sd["generator"]]:
         h.update(torch.as_tensor(t).detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def check_replicas_agree(model, opt, step, name):
+    """Under torchrun: are the replicas still bit-identical? (every rank's state_hash, compared on every rank)"""
+    if dist.is_available() and dist.is_initialized():
+        hashes = [None] * dist.get_world_size()
+        dist.all_gather_object(hashes, state_hash(model, opt))
+        check_replicas(hashes, step, name)
 
 
 def check_replicas(hashes, step, name):
@@ -281,6 +421,32 @@ def train_seeds(c, names, script, defaults):
     if failed:
         raise RuntimeError(f"some seeds failed: {', '.join(failed)}; the others are kept, rerun to finish")
     return rows
+
+
+def run_seeds(c, names, script, defaults, baseline):
+    """--seeds=N, the whole of it: train the seeds (train_seeds), then write and print every method's summary."""
+    with out_dir_lock(c["out_dir"]):
+        rows = train_seeds(c, names, script, defaults)
+        summary = summarize(rows, baseline)
+        write_results(c, summary, seeds=rows)
+        report_seeds(summary, c)
+    return summary
+
+
+def report_seeds(summary, c):
+    seeds = f"seeds {c['seed']} .. {c['seed'] + c['seeds'] - 1}"
+    print(f"\n{'method':<17}{'mean val loss':>14}{'sd':>8}   vs master: mean paired difference [95% interval] ({seeds})")
+    for name, r in summary.items():
+        line = f"{name:<17}{r['mean']:>14.4f}{r['sd']:>8.4f}"
+        if "interval" in r and not name.endswith("master_rtn"):
+            lo, hi = r["interval"]
+            verdict = "contains 0: unresolved" if lo <= 0 <= hi else "resolved: " + ("lower" if hi < 0 else "higher")
+            line += f"   {r['difference']:+.4f} [{lo:+.4f}, {hi:+.4f}]  {verdict}"
+        print(line)
+    print("sd: over seeds; the interval: Student's t over the per-seed differences to master weights (same seed: the "
+          "same initial weights, batches and rounding streams)")
+    plot_intervals(summary, os.path.join(c["out_dir"], "intervals.png"))
+    print(f"wrote {os.path.join(c['out_dir'], 'results.json')} (every seed's rows) and intervals.png")
 
 
 def summarize(rows, baseline):
