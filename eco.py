@@ -24,49 +24,20 @@ For SGD with EMA momentum (the form the paper's theory is about) the same rule r
     m~ = beta m + (1 - beta) g,  theta = (1 - lr*wd) w - lr m~,  w' = q(theta),
     m' = m~ + (1 - lr*wd) (1/lr) (1 - 1/beta) e.
 
-Under a learning-rate schedule (beyond the paper; injection="next_lr"). Write lr_t for step t's lr and
-let master-weight SGDM produce theta_t from m_t. Stored weights w_t = theta_t - e_t follow the master
-exactly if the momentum carries the error in the form the NEXT step will apply it:
-    m_t = m_master_t - (1 - lr_{t+1} wd) e_t / (lr_{t+1} beta)
-(step t+1 computes (1 - lr_{t+1} wd) w_t - lr_{t+1} beta m_t + ..., and the two error terms cancel).
-Since m~_t = beta m_{t-1} + (1 - beta) g_t already carries -(1 - lr_t wd) e_{t-1} / lr_t, the exact
-update is the two-term rule (the paper's appendix, with a schedule)
-    m_t = m~_t + (1 - lr_t wd) e_{t-1} / lr_t - (1 - lr_{t+1} wd) e_t / (lr_{t+1} beta),
-which needs e_{t-1} stored. Taking e_{t-1} ~ e_t, as the paper does, leaves one coefficient:
-    c_t = (1 - lr_t wd) / lr_t - (1 - lr_{t+1} wd) / (lr_{t+1} beta).
-With lr_{t+1} = lr_t this is the paper's (1 - lr wd)(1/lr)(1 - 1/beta). During a warm-up lr_{t+1} > lr_t
-and the paper's rule injects too much; during a decay, too little. For AdamW, lr is replaced by the
-per-element step size lr_t / (bc1_t d_t), d_t = sqrt(v_t/bc2_t) + eps, taking d_{t+1} ~ d_t:
-    alpha_t = (1 - lr_t wd) bc1_t / lr_t - (1 - lr_{t+1} wd) bc1_{t+1} / (lr_{t+1} beta1).
-At a constant lr this is (1 - lr wd)(1 - 1/beta1) / lr, since bc1_t - bc1_{t+1}/beta1 = 1 - 1/beta1: the
-paper's coefficient without its factor bc1_t, which differs only in the first tens of steps (10x at step 1
-with beta1 = 0.9, 4% at step 30), where the next step's bias correction is the one that applies.
-The training loop passes lr_{t+1} in each param group's "next_lr". injection_coefficient() below is
-the one place either rule is written; the reference, the fused kernel and the tests all call it.
-
 Three modes, one optimizer class each for AdamW and SGD:
     master  float32 master copy in the optimizer state; AdamW updates it; the stored weight is q(master)
     naive   no master: AdamW updates the dequantized weight, which is re-quantized; the error is lost
     eco     no master: as naive, plus the one injection line above
 Parameters that are not quantized (embeddings, norms, LM head) get plain AdamW / SGD in every mode.
 
-Compressed moments (beyond the paper, which keeps m and v in float32: 8 of ECO's 9 bytes per weight).
-ECOAdamW(moments=...) stores them between steps as
-    fp32  float32 (the paper; 8 bytes per parameter)
-    bf16  bfloat16, written back with stochastic rounding (4 bytes)
-    fp8   FP8 E4M3 codes with one float32 scale per block of 128 values of a row; v is stored as sqrt(v),
-          which halves the range of exponents 8 bits must cover (2 bytes, plus 8 bytes of scales per
-          block: 0.0625 B per parameter for rows that are multiples of 128, more for shorter rows); a
-          positive sqrt(v) is never stored as 0, which would leave m / eps as the next step
-Each step loads them to float32, runs the unchanged float32 math above (injection included) and stores
-them back. Round-to-nearest would be wrong there: an EMA moves by (1 - beta) of the gap each step, and a
-change smaller than half a storage step would be rounded away every time; the moment would freeze, which
-is naive RTN's stall again, one level down. Stochastic rounding keeps every update in expectation.
-Tensors with fewer than 4096 elements (norm gains) keep float32 moments, as 8-bit optimizers do.
+Beyond the paper, two options, each derived beside its code: injection="next_lr" sizes the injection for the
+next step's learning rate (injection_coefficient), and moments="bf16" or "fp8" keep AdamW's moments in 2 or 1
+bytes instead of 8 (section "How the AdamW moments are stored").
 
-eco_adamw_step is the math for one tensor (and the oracle for kernels.py); ECOAdamW is bookkeeping
-around it. `python eco.py` shows the theory on a quadratic
-and the schedule rules on least squares (about two minutes on a CPU). Test: python -m pytest -q test_eco.py
+Reading order: the math (eco_adamw_step, the line marked <- ECO), then ECOAdamW.step (the three modes);
+after them how the moments are stored, main_grad, and the checks both optimizers share. eco_adamw_step is
+also the oracle of kernels.py's fused step. `python eco.py` shows the theory on a quadratic and the schedule
+rules on least squares (about two minutes on a CPU). Test: python -m pytest -q test_eco.py
 """
 import functools
 import math
@@ -86,8 +57,29 @@ MOMENTS = ("fp32", "bf16", "fp8")
 
 def injection_coefficient(lr, weight_decay, beta, bc=1.0, next_lr=None, next_bc=None):
     """alpha in m <- m + alpha * (step-size denominator) * e; 0.0 means: skip the injection.
-    bc is Adam's bias correction 1 - beta1^t (1 for SGD). The paper's rule when next_lr is None; the
-    next-step rule (module docstring) otherwise, with next_bc = 1 - beta1^(t+1)."""
+    bc is Adam's bias correction 1 - beta1^t (1 for SGD). The paper's rule when next_lr is None (module
+    docstring); otherwise the next-step rule, with next_bc = 1 - beta1^(t+1), derived here.
+
+    Under a learning-rate schedule (beyond the paper; injection="next_lr"). Write lr_t for step t's lr and let
+    master-weight SGDM produce theta_t from m_t. Stored weights w_t = theta_t - e_t follow the master exactly
+    if the momentum carries the error in the form the NEXT step will apply it:
+        m_t = m_master_t - (1 - lr_{t+1} wd) e_t / (lr_{t+1} beta)
+    (step t+1 computes (1 - lr_{t+1} wd) w_t - lr_{t+1} beta m_t + ..., and the two error terms cancel).
+    Since m~_t = beta m_{t-1} + (1 - beta) g_t already carries -(1 - lr_t wd) e_{t-1} / lr_t, the exact
+    update is the two-term rule (the paper's appendix, with a schedule)
+        m_t = m~_t + (1 - lr_t wd) e_{t-1} / lr_t - (1 - lr_{t+1} wd) e_t / (lr_{t+1} beta),
+    which needs e_{t-1} stored. Taking e_{t-1} ~ e_t, as the paper does, leaves one coefficient:
+        c_t = (1 - lr_t wd) / lr_t - (1 - lr_{t+1} wd) / (lr_{t+1} beta).
+    With lr_{t+1} = lr_t this is the paper's (1 - lr wd)(1/lr)(1 - 1/beta). During a warm-up lr_{t+1} > lr_t
+    and the paper's rule injects too much; during a decay, too little. For AdamW, lr is replaced by the
+    per-element step size lr_t / (bc1_t d_t), d_t = sqrt(v_t/bc2_t) + eps, taking d_{t+1} ~ d_t:
+        alpha_t = (1 - lr_t wd) bc1_t / lr_t - (1 - lr_{t+1} wd) bc1_{t+1} / (lr_{t+1} beta1).
+    At a constant lr this is (1 - lr wd)(1 - 1/beta1) / lr, since bc1_t - bc1_{t+1}/beta1 = 1 - 1/beta1: the
+    paper's coefficient without its factor bc1_t, which differs only in the first tens of steps (10x at step 1
+    with beta1 = 0.9, 4% at step 30), where the next step's bias correction is the one that applies.
+    The training loop passes lr_{t+1} in each param group's "next_lr". This function is the one place
+    either rule is written; the reference, the fused kernel and the tests all call it.
+    """
     if lr == 0 or next_lr == 0:  # nothing was stepped, or nothing will be: nothing to compensate
         return 0.0
     if next_lr is None:
@@ -141,150 +133,7 @@ def eco_sgd_step(weight, grad, momentum_buffer, *, lr, momentum, weight_decay, q
 
 
 # -----------------------------------------------------------------------------
-# How the AdamW moments are stored between steps (moments="fp32" | "bf16" | "fp8")
-
-MOMENT_BLOCK = 128  # fp8: values per scale; a row of the fused kernel splits into whole blocks
-MOMENT_FP8 = dict(exp_avg="fp8_e4m3", exp_avg_sq_sqrt="fp8_e4m3")  # E4M3 for both: measured in RESULTS.md
-MIN_COMPRESSED_NUMEL = 4096  # smaller tensors (norm gains) keep float32 moments
-MOMENT_KEYS = dict(fp32=("exp_avg", "exp_avg_sq"), bf16=("exp_avg", "exp_avg_sq"),  # state entries, in kernel order
-                   fp8=("exp_avg", "exp_avg_sq_sqrt", "exp_avg_scale", "exp_avg_sq_sqrt_scale"))
-
-
-def moments_format(p, moments):
-    """The storage actually used for p's moments: the requested one, or fp32 for small tensors."""
-    return moments if p.numel() >= MIN_COMPRESSED_NUMEL else "fp32"
-
-
-def init_moments(p, moments):
-    """Zero moments for parameter p in the given storage, as a dict of optimizer-state entries."""
-    zeros = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-    if moments == "fp32":
-        return dict(exp_avg=zeros, exp_avg_sq=zeros.clone())
-    if moments == "bf16":
-        return dict(exp_avg=zeros.bfloat16(), exp_avg_sq=zeros.bfloat16())
-    state = {}
-    for key, fmt in MOMENT_FP8.items():
-        state[key], state[key + "_scale"] = quant.quantize_blocks(zeros, fmt, MOMENT_BLOCK)
-    return state
-
-
-def stored_moments(state):
-    """Which storage a state dict holds: 'fp32', 'bf16' or 'fp8' (read off its keys and dtypes)."""
-    if "exp_avg_sq_sqrt" in state:
-        return "fp8"
-    return "bf16" if state["exp_avg"].dtype == torch.bfloat16 else "fp32"
-
-
-def load_moments(state):
-    """(exp_avg, exp_avg_sq) as float32 tensors to update in place. For fp32 storage these ARE the state."""
-    kind = stored_moments(state)
-    if kind == "fp32":
-        return state["exp_avg"], state["exp_avg_sq"]
-    if kind == "bf16":
-        return state["exp_avg"].float(), state["exp_avg_sq"].float()
-    m, sqrt_v = (quant.dequantize_blocks(state[k], state[k + "_scale"], fmt, MOMENT_BLOCK) for k, fmt in MOMENT_FP8.items())
-    return m, sqrt_v * sqrt_v
-
-
-def store_moments_(state, exp_avg, exp_avg_sq, generator):
-    """Write updated float32 moments back into their storage, with stochastic rounding (see docstring)."""
-    kind = stored_moments(state)
-    if kind == "bf16":
-        state["exp_avg"].copy_(quant.round_to_bfloat16(exp_avg, "stochastic", generator))
-        state["exp_avg_sq"].copy_(quant.round_to_bfloat16(exp_avg_sq, "stochastic", generator))
-    elif kind == "fp8":
-        for key, x in (("exp_avg", exp_avg), ("exp_avg_sq_sqrt", exp_avg_sq.sqrt())):
-            codes, scale = quant.quantize_blocks(x, MOMENT_FP8[key], MOMENT_BLOCK, "stochastic", generator)
-            if key == "exp_avg_sq_sqrt":  # a positive sqrt(v) stored as 0 would leave m / eps as the next step
-                smallest = quant.grid_step(torch.zeros((), device=x.device), quant.FORMATS[MOMENT_FP8[key]])
-                codes = torch.where((codes.float() == 0) & (x > 0), smallest.to(codes.dtype), codes)
-            state[key].copy_(codes)
-            state[key + "_scale"].copy_(scale)
-
-
-# -----------------------------------------------------------------------------
-# Gradients of models with quantized weights: they live in weight.main_grad
-
-def is_quantized(p):
-    return getattr(p, "fmt", None) is not None
-
-
-def grad_of(p):
-    """The float32 gradient the optimizer will use: main_grad for quantized weights, else .grad."""
-    return p.main_grad if is_quantized(p) else p.grad
-
-
-def zero_grad_(params):
-    """model.zero_grad() for models with quantized weights: it does not know main_grad."""
-    for p in params:
-        p.grad = None
-        if is_quantized(p):
-            p.main_grad = None
-
-
-@torch.no_grad()
-def clip_grad_norm_(params, max_norm):
-    """torch.nn.utils.clip_grad_norm_ for models with quantized weights (it would skip main_grad): scales
-    every gradient by min(1, max_norm / (norm + 1e-6)) with norm the global L2 norm; max_norm = 0 only
-    measures. A non-finite norm raises NonFiniteError before any gradient is changed. Returns the norm."""
-    if not (isinstance(max_norm, (int, float)) and max_norm >= 0):
-        raise ValueError(f"max_norm={max_norm!r}; accepted: a number >= 0 (0: no clipping)")
-    grads = [g for p in params if (g := grad_of(p)) is not None]
-    if not grads:
-        return torch.zeros(())
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-    if not torch.isfinite(norm):
-        raise quant.NonFiniteError(f"the global gradient norm is {norm.item()}; no gradient was changed")
-    if max_norm > 0:
-        for g in grads:
-            g.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
-    return norm
-
-
-# -----------------------------------------------------------------------------
-# Optimizer classes: bookkeeping around the functions above
-
-def kernel_seed(seed, step, index):
-    """One Philox seed per kernel launch. Triton draws random numbers from (seed, element index), so every
-    (optimizer seed, step, tensor) needs its own seed: the same seed twice would reuse the same numbers.
-    Distinct for every step and for up to 65,537 tensors (Philox takes 64-bit seeds; modulo 2^31, tensor i+k
-    at step t + 65,535 k would repeat tensor i at step t)."""
-    return (seed * 1_000_003 + step * 65_537 + index) % 2**63
-
-
-def _check_number(name, value, low, high, low_open=False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not (low < value < high if low_open else low <= value < high):
-        interval = f"({low}, {high})" if low_open else f"[{low}, {high})"
-        raise ValueError(f"invalid {name}={value!r}; accepted: a finite number in {interval}")
-
-
-def _check_choice(name, value, accepted):
-    if value not in accepted:
-        raise ValueError(f"unknown {name} {value!r}; accepted: {list(accepted)}")
-
-
-GRAD_LIMIT = math.sqrt(torch.finfo(torch.float32).max)  # |g| above this overflows g*g, hence v, in float32
-# ... and by how v is stored: bfloat16 tops out below float32, and stochastic rounding may round a v just under
-# float32's limit up to inf. Half the largest bfloat16 leaves room for the float32 roundings of v's update.
-GRAD_LIMITS = dict(fp32=GRAD_LIMIT, bf16=math.sqrt(torch.finfo(torch.bfloat16).max / 2), fp8=GRAD_LIMIT)
-
-
-def _check_injection(group, beta, injection):
-    """ECO's coefficient is about 1/lr: an lr so small that it overflows float32 (the precision it is applied in)
-    would turn the momentum into inf in the middle of a step. Bounds |alpha| of injection_coefficient over every
-    bias correction in (0, 1]."""
-    lr = group["lr"]
-    next_lr = group["next_lr"] if injection == "next_lr" else lr
-    if lr == 0 or next_lr == 0:
-        return  # no injection
-    decay = lambda rate: abs(1 - rate * group["weight_decay"])
-    bound = decay(lr) / (lr * beta) if injection == "paper" else decay(lr) / lr + decay(next_lr) / (next_lr * beta)
-    if not bound < torch.finfo(torch.float32).max:
-        raise ValueError(f"lr={lr!r}, next_lr={next_lr!r}: ECO's injection coefficient (about 1 / (lr x beta) = "
-                         f"{bound:.3g}) overflows float32; accepted: lr = 0 (no injection) or lr, next_lr above about "
-                         f"{2 / (beta * torch.finfo(torch.float32).max):.1e}")
-
+# Optimizer classes: the three modes are in step(); what both classes share comes first
 
 class _QuantizedOptimizer(torch.optim.Optimizer):
     """What ECOAdamW and ECOSGD share: argument checks, the rounding generator, main_grad handling,
@@ -305,6 +154,13 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
 
     def _params(self):
         return [p for group in self.param_groups for p in group["params"]]
+
+    @staticmethod
+    def _closure_loss(closure):  # torch.optim's convention: step(closure) re-evaluates the loss first
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
 
     def _check_group(self, group, mode):  # per class: the hyper-parameters of one param group
         raise NotImplementedError
@@ -437,6 +293,34 @@ class ECOAdamW(_QuantizedOptimizer):
                     f"moments {list(self.kernels.MOMENTS)}, compute capabilities {list(self.kernels.CAPABILITIES)}; "
                     "fused=None lets them take the reference path")
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = self._closure_loss(closure)
+        for group, index, p, grad in self._work():
+            state, hyper = self._state(p, group), self._hyper(p, group)
+            next_lr = group["next_lr"] if self.injection == "next_lr" else None
+            if is_quantized(p) and self._fusable(p, state, grad):
+                self._fused_step(p, grad, state, hyper, next_lr, index)  # eco as one GPU kernel, moments included
+                continue
+            m, v = load_moments(state)  # float32
+            if not is_quantized(p):  # embeddings, norms, head: plain AdamW
+                p.copy_(adamw_update(p, grad, m, v, **hyper)[0])
+            else:
+                # store(theta) rounds theta onto p's grid, writes codes + scale into p, returns q(theta)
+                store = functools.partial(quant.store_, p, p.scale, fmt=p.fmt, rounding=self.rounding,
+                                          generator=self.generator)
+                if self.mode == "master":  # AdamW on the float32 master; the stored weight is q(master)
+                    theta, _ = adamw_update(state["master"], grad, m, v, **hyper)
+                    state["master"].copy_(theta)
+                    store(theta)
+                elif self.mode == "naive":  # AdamW on the stored weight; the rounding error is lost
+                    store(adamw_update(quant.dequantize(p, p.scale, p.fmt), grad, m, v, **hyper)[0])
+                else:  # eco: as naive, and the rounding error is injected into m
+                    eco_adamw_step(quant.dequantize(p, p.scale, p.fmt), grad, m, v, **hyper, next_lr=next_lr,
+                                   quantize=store)
+            store_moments_(state, m, v, self.generator)
+        return loss
+
     @property
     def fused(self):
         return self.kernels is not None
@@ -468,55 +352,33 @@ class ECOAdamW(_QuantizedOptimizer):
             shapes["master"] = (torch.float32, tuple(p.shape))
         return shapes
 
+    def _state(self, p, group):  # p's state, created at its first step; counts the step
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state.update(init_moments(p, moments_format(p, group["moments"])))
+            if is_quantized(p) and self.mode == "master":
+                state["master"] = quant.dequantize(p, p.scale, p.fmt)  # starts at the stored weight
+        state["step"] += 1
+        return state
+
+    def _hyper(self, p, group):  # this step's hyper-parameters, as adamw_update takes them
+        beta1, beta2 = group["betas"]
+        return dict(step=self.state[p]["step"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"])
+
+    def _fused_step(self, p, grad, state, hyper, next_lr, index):  # kernels.py: load, step, store in one pass
+        kind = stored_moments(state)
+        self.kernels.eco_adamw_fused_(p, p.scale, grad, *(state[k] for k in MOMENT_KEYS[kind]), moments=kind, **hyper,
+                                      next_lr=next_lr, fmt=p.fmt, rounding=self.rounding,
+                                      seed=kernel_seed(self.seed, state["step"], index))
+
     def _fusable(self, p, state, grad):  # what the kernel takes on this GPU; anything else takes the reference path
         if not (self.fused and self.mode == "eco" and p.shape[-1] <= self.kernels.MAX_ROW and grad.is_contiguous()
                 and grad.dtype in (torch.float32, torch.bfloat16, torch.float16)):
             return False  # (a user's float64 or strided main_grad, say: the reference path takes any)
         capability = torch.cuda.get_device_capability(p.device) if p.is_cuda else None  # None: Triton's interpreter
         return self.kernels.fusable(p.fmt, stored_moments(state), capability)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group, index, p, grad in self._work():
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state.update(init_moments(p, moments_format(p, group["moments"])))
-                if is_quantized(p) and self.mode == "master":
-                    state["master"] = quant.dequantize(p, p.scale, p.fmt)  # starts at the stored weight
-            state["step"] += 1
-            beta1, beta2 = group["betas"]
-            hyper = dict(step=state["step"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                         weight_decay=group["weight_decay"])
-            next_lr = group["next_lr"] if self.injection == "next_lr" else None
-            if is_quantized(p) and self._fusable(p, state, grad):  # eco as one GPU kernel, moments included
-                kind = stored_moments(state)
-                self.kernels.eco_adamw_fused_(p, p.scale, grad, *(state[k] for k in MOMENT_KEYS[kind]), moments=kind,
-                                              **hyper, next_lr=next_lr, fmt=p.fmt, rounding=self.rounding,
-                                              seed=kernel_seed(self.seed, state["step"], index))
-                continue
-            m, v = load_moments(state)  # float32
-            if not is_quantized(p):  # embeddings, norms, head: plain AdamW
-                p.copy_(adamw_update(p, grad, m, v, **hyper)[0])
-            else:
-                # store(theta) rounds theta onto p's grid, writes codes + scale into p, returns q(theta)
-                store = functools.partial(quant.store_, p, p.scale, fmt=p.fmt, rounding=self.rounding,
-                                          generator=self.generator)
-                if self.mode == "master":  # AdamW on the float32 master; the stored weight is q(master)
-                    theta, _ = adamw_update(state["master"], grad, m, v, **hyper)
-                    state["master"].copy_(theta)
-                    store(theta)
-                elif self.mode == "naive":  # AdamW on the stored weight; the rounding error is lost
-                    store(adamw_update(quant.dequantize(p, p.scale, p.fmt), grad, m, v, **hyper)[0])
-                else:  # eco: as naive, and the rounding error is injected into m
-                    eco_adamw_step(quant.dequantize(p, p.scale, p.fmt), grad, m, v, **hyper, next_lr=next_lr,
-                                   quantize=store)
-            store_moments_(state, m, v, self.generator)
-        return loss
 
 
 class ECOSGD(_QuantizedOptimizer):
@@ -529,23 +391,9 @@ class ECOSGD(_QuantizedOptimizer):
         self._check_group(defaults, mode)
         super().__init__(params, defaults, mode, rounding, seed, injection)
 
-    def _check_group(self, group, mode):
-        _check_number("lr", group["lr"], 0.0, math.inf)
-        _check_number("momentum", group["momentum"], 0.0, 1.0, low_open=(mode == "eco"))
-        _check_number("weight_decay", group["weight_decay"], 0.0, math.inf)
-
-    def _expected_state(self, p, group):
-        shapes = dict(momentum_buffer=(torch.float32, tuple(p.shape)))
-        if is_quantized(p) and self.mode == "master":
-            shapes["master"] = (torch.float32, tuple(p.shape))
-        return shapes
-
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         for group, _, p, grad in self._work():
             state = self.state[p]
             if not state:
@@ -570,6 +418,177 @@ class ECOSGD(_QuantizedOptimizer):
                     eco_sgd_step(quant.dequantize(p, p.scale, p.fmt), grad, m, **hyper, next_lr=next_lr,
                                  quantize=store)
         return loss
+
+    def _check_group(self, group, mode):
+        _check_number("lr", group["lr"], 0.0, math.inf)
+        _check_number("momentum", group["momentum"], 0.0, 1.0, low_open=(mode == "eco"))
+        _check_number("weight_decay", group["weight_decay"], 0.0, math.inf)
+
+    def _expected_state(self, p, group):
+        shapes = dict(momentum_buffer=(torch.float32, tuple(p.shape)))
+        if is_quantized(p) and self.mode == "master":
+            shapes["master"] = (torch.float32, tuple(p.shape))
+        return shapes
+
+
+# -----------------------------------------------------------------------------
+# How the AdamW moments are stored between steps (moments="fp32" | "bf16" | "fp8")
+#
+# Compressed moments (beyond the paper, which keeps m and v in float32: 8 of ECO's 9 bytes per weight).
+# ECOAdamW(moments=...) stores them between steps as
+#     fp32  float32 (the paper; 8 bytes per parameter)
+#     bf16  bfloat16, written back with stochastic rounding (4 bytes)
+#     fp8   FP8 E4M3 codes with one float32 scale per block of 128 values of a row; v is stored as sqrt(v),
+#           which halves the range of exponents 8 bits must cover (2 bytes, plus 8 bytes of scales per
+#           block: 0.0625 B per parameter for rows that are multiples of 128, more for shorter rows); a
+#           positive sqrt(v) is never stored as 0, which would leave m / eps as the next step
+# Each step loads them to float32, runs the unchanged float32 math above (injection included) and stores
+# them back. Round-to-nearest would be wrong there: an EMA moves by (1 - beta) of the gap each step, and a
+# change smaller than half a storage step would be rounded away every time; the moment would freeze, which
+# is naive RTN's stall again, one level down. Stochastic rounding keeps every update in expectation.
+# Tensors with fewer than 4096 elements (norm gains) keep float32 moments, as 8-bit optimizers do.
+
+MOMENT_BLOCK = 128  # fp8: values per scale; a row of the fused kernel splits into whole blocks
+MOMENT_FP8 = dict(exp_avg="fp8_e4m3", exp_avg_sq_sqrt="fp8_e4m3")  # E4M3 for both: measured in RESULTS.md
+MIN_COMPRESSED_NUMEL = 4096  # smaller tensors (norm gains) keep float32 moments
+MOMENT_KEYS = dict(fp32=("exp_avg", "exp_avg_sq"), bf16=("exp_avg", "exp_avg_sq"),  # state entries, in kernel order
+                   fp8=("exp_avg", "exp_avg_sq_sqrt", "exp_avg_scale", "exp_avg_sq_sqrt_scale"))
+
+
+def moments_format(p, moments):
+    """The storage actually used for p's moments: the requested one, or fp32 for small tensors."""
+    return moments if p.numel() >= MIN_COMPRESSED_NUMEL else "fp32"
+
+
+def init_moments(p, moments):
+    """Zero moments for parameter p in the given storage, as a dict of optimizer-state entries."""
+    zeros = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+    if moments == "fp32":
+        return dict(exp_avg=zeros, exp_avg_sq=zeros.clone())
+    if moments == "bf16":
+        return dict(exp_avg=zeros.bfloat16(), exp_avg_sq=zeros.bfloat16())
+    state = {}
+    for key, fmt in MOMENT_FP8.items():
+        state[key], state[key + "_scale"] = quant.quantize_blocks(zeros, fmt, MOMENT_BLOCK)
+    return state
+
+
+def stored_moments(state):
+    """Which storage a state dict holds: 'fp32', 'bf16' or 'fp8' (read off its keys and dtypes)."""
+    if "exp_avg_sq_sqrt" in state:
+        return "fp8"
+    return "bf16" if state["exp_avg"].dtype == torch.bfloat16 else "fp32"
+
+
+def load_moments(state):
+    """(exp_avg, exp_avg_sq) as float32 tensors to update in place. For fp32 storage these ARE the state."""
+    kind = stored_moments(state)
+    if kind == "fp32":
+        return state["exp_avg"], state["exp_avg_sq"]
+    if kind == "bf16":
+        return state["exp_avg"].float(), state["exp_avg_sq"].float()
+    m, sqrt_v = (quant.dequantize_blocks(state[k], state[k + "_scale"], fmt, MOMENT_BLOCK) for k, fmt in MOMENT_FP8.items())
+    return m, sqrt_v * sqrt_v
+
+
+def store_moments_(state, exp_avg, exp_avg_sq, generator):
+    """Write updated float32 moments back into their storage, with stochastic rounding (see docstring)."""
+    kind = stored_moments(state)
+    if kind == "bf16":
+        state["exp_avg"].copy_(quant.round_to_bfloat16(exp_avg, "stochastic", generator))
+        state["exp_avg_sq"].copy_(quant.round_to_bfloat16(exp_avg_sq, "stochastic", generator))
+    elif kind == "fp8":
+        for key, x in (("exp_avg", exp_avg), ("exp_avg_sq_sqrt", exp_avg_sq.sqrt())):
+            codes, scale = quant.quantize_blocks(x, MOMENT_FP8[key], MOMENT_BLOCK, "stochastic", generator)
+            if key == "exp_avg_sq_sqrt":  # a positive sqrt(v) stored as 0 would leave m / eps as the next step
+                smallest = quant.grid_step(torch.zeros((), device=x.device), quant.FORMATS[MOMENT_FP8[key]])
+                codes = torch.where((codes.float() == 0) & (x > 0), smallest.to(codes.dtype), codes)
+            state[key].copy_(codes)
+            state[key + "_scale"].copy_(scale)
+
+
+# -----------------------------------------------------------------------------
+# Gradients of models with quantized weights: they live in weight.main_grad
+
+def is_quantized(p):
+    return getattr(p, "fmt", None) is not None
+
+
+def grad_of(p):
+    """The float32 gradient the optimizer will use: main_grad for quantized weights, else .grad."""
+    return p.main_grad if is_quantized(p) else p.grad
+
+
+def zero_grad_(params):
+    """model.zero_grad() for models with quantized weights: it does not know main_grad."""
+    for p in params:
+        p.grad = None
+        if is_quantized(p):
+            p.main_grad = None
+
+
+@torch.no_grad()
+def clip_grad_norm_(params, max_norm):
+    """torch.nn.utils.clip_grad_norm_ for models with quantized weights (it would skip main_grad): scales
+    every gradient by min(1, max_norm / (norm + 1e-6)) with norm the global L2 norm; max_norm = 0 only
+    measures. A non-finite norm raises NonFiniteError before any gradient is changed. Returns the norm."""
+    if not (isinstance(max_norm, (int, float)) and max_norm >= 0):
+        raise ValueError(f"max_norm={max_norm!r}; accepted: a number >= 0 (0: no clipping)")
+    grads = [g for p in params if (g := grad_of(p)) is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    if not torch.isfinite(norm):
+        raise quant.NonFiniteError(f"the global gradient norm is {norm.item()}; no gradient was changed")
+    if max_norm > 0:
+        for g in grads:
+            g.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return norm
+
+
+# -----------------------------------------------------------------------------
+# The checks and seeds ECOAdamW and ECOSGD share
+
+def kernel_seed(seed, step, index):
+    """One Philox seed per kernel launch. Triton draws random numbers from (seed, element index), so every
+    (optimizer seed, step, tensor) needs its own seed: the same seed twice would reuse the same numbers.
+    Distinct for every step and for up to 65,537 tensors (Philox takes 64-bit seeds; modulo 2^31, tensor i+k
+    at step t + 65,535 k would repeat tensor i at step t)."""
+    return (seed * 1_000_003 + step * 65_537 + index) % 2**63
+
+
+def _check_number(name, value, low, high, low_open=False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not (low < value < high if low_open else low <= value < high):
+        interval = f"({low}, {high})" if low_open else f"[{low}, {high})"
+        raise ValueError(f"invalid {name}={value!r}; accepted: a finite number in {interval}")
+
+
+def _check_choice(name, value, accepted):
+    if value not in accepted:
+        raise ValueError(f"unknown {name} {value!r}; accepted: {list(accepted)}")
+
+
+GRAD_LIMIT = math.sqrt(torch.finfo(torch.float32).max)  # |g| above this overflows g*g, hence v, in float32
+# ... and by how v is stored: bfloat16 tops out below float32, and stochastic rounding may round a v just under
+# float32's limit up to inf. Half the largest bfloat16 leaves room for the float32 roundings of v's update.
+GRAD_LIMITS = dict(fp32=GRAD_LIMIT, bf16=math.sqrt(torch.finfo(torch.bfloat16).max / 2), fp8=GRAD_LIMIT)
+
+
+def _check_injection(group, beta, injection):
+    """ECO's coefficient is about 1/lr: an lr so small that it overflows float32 (the precision it is applied in)
+    would turn the momentum into inf in the middle of a step. Bounds |alpha| of injection_coefficient over every
+    bias correction in (0, 1]."""
+    lr = group["lr"]
+    next_lr = group["next_lr"] if injection == "next_lr" else lr
+    if lr == 0 or next_lr == 0:
+        return  # no injection
+    decay = lambda rate: abs(1 - rate * group["weight_decay"])
+    bound = decay(lr) / (lr * beta) if injection == "paper" else decay(lr) / lr + decay(next_lr) / (next_lr * beta)
+    if not bound < torch.finfo(torch.float32).max:
+        raise ValueError(f"lr={lr!r}, next_lr={next_lr!r}: ECO's injection coefficient (about 1 / (lr x beta) = "
+                         f"{bound:.3g}) overflows float32; accepted: lr = 0 (no injection) or lr, next_lr above about "
+                         f"{2 / (beta * torch.finfo(torch.float32).max):.1e}")
 
 
 # -----------------------------------------------------------------------------
