@@ -1,4 +1,9 @@
-"""The two FP8 matmul paths of quant.py: torch._scaled_mm straight from the stored codes, and the simulated
+"""
+quant.py: the quantizers (rounding to the grid, to nearest or stochastically, and the scales), QLinear and
+quantize_linears_, then the two FP8 matmul paths. (That rounding to nearest is PyTorch's FP8 cast, and that
+stochastic rounding is unbiased, is in test_eco.py.)
+
+The two FP8 matmul paths of quant.py: torch._scaled_mm straight from the stored codes, and the simulated
 reference (dequantize, float32 matmul). torch._scaled_mm runs on the CPU too (there as an emulation that
 dequantizes and multiplies in float32), so these tests run the scaled_mm path itself here: its operand layouts
 and scales, its autograd Function, its gradient routing. The one that needs a CUDA GPU with FP8 matmuls is
@@ -14,9 +19,172 @@ import pytest
 import torch
 import torch.nn as nn
 
+import eco
 import quant
 from model import GPT, GPTConfig
 from moe import MoE
+
+
+# -----------------------------------------------------------------------------
+# quant.py: rounding, scales, QLinear and quantize_linears_
+
+def test_stochastic_rounding_is_reproducible_from_a_generator():
+    """Stochastic rounding is deterministic given its generator: the same seed, the same codes; another, others."""
+    x = torch.randn(32, 100, generator=torch.Generator().manual_seed(0))
+    a = quant.quantize(x, "fp8_e4m3", "stochastic", torch.Generator().manual_seed(7))
+    b = quant.quantize(x, "fp8_e4m3", "stochastic", torch.Generator().manual_seed(7))
+    c = quant.quantize(x, "fp8_e4m3", "stochastic", torch.Generator().manual_seed(8))
+    assert torch.equal(a[0].float(), b[0].float()) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0].float(), c[0].float())
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8", "int4"])
+def test_quantize_dequantize_is_idempotent_on_grid_values(fmt):
+    """A value on the grid stays put: quantize_dequantize twice equals once, with either rounding."""
+    x = torch.randn(16, 70, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 16)[:, None]
+    for rounding in quant.ROUNDINGS:
+        once = quant.quantize_dequantize(x, fmt, rounding, torch.Generator().manual_seed(0))
+        twice = quant.quantize_dequantize(once, fmt, rounding, torch.Generator().manual_seed(1))
+        assert torch.equal(once, twice)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8", "int4"])
+def test_round_to_grid_clamps_to_the_formats_range(fmt):
+    """Values past +-rho (x / scale can exceed rho by an ulp) land on +-rho, never past it or wrapped around."""
+    f = quant.FORMATS[fmt]
+    y = torch.tensor([-1e4, -f.max * (1 + 1e-6), -f.max, f.max, f.max * (1 + 1e-6), f.max + 0.9, 1e4])
+    expected = torch.tensor([-f.max] * 3 + [f.max] * 4)
+    for rounding in quant.ROUNDINGS:
+        for seed in range(20):
+            assert torch.equal(quant.round_to_grid(y, f, rounding, torch.Generator().manual_seed(seed)), expected)
+
+
+def test_scales_per_row_per_tensor_and_for_expert_banks():
+    """FP8 and int8 scale per row (an expert bank [E, out, in] per expert's row), int4 per tensor as absmax / 7."""
+    x = torch.randn(4, 6, 10, generator=torch.Generator().manual_seed(0))  # an expert bank [E, out, in]
+    assert quant.quantize(x, "fp8_e4m3")[1].shape == (4, 6, 1)
+    assert quant.quantize(x, "int8")[1].shape == (4, 6, 1)
+    codes, scale = quant.quantize(x, "int4")
+    assert scale.shape == (1, 1, 1) and codes.abs().max() == 7 and codes.dtype == torch.int8
+    assert torch.allclose(scale, x.abs().max() / 7)
+
+
+def test_all_zero_rows_get_a_finite_scale():
+    """An all-zero row gets a finite positive scale and stays exactly zero, in every format."""
+    torch.manual_seed(0)
+    x = torch.zeros(3, 8)
+    x[1] = torch.randn(8)
+    for fmt in quant.FORMATS:
+        codes, scale = quant.quantize(x, fmt, "stochastic")
+        assert torch.isfinite(scale).all() and (scale > 0).all()
+        assert (codes[0].float() == 0).all() and (quant.dequantize(codes, scale, fmt)[2] == 0).all()
+
+
+def test_quantize_casts_to_float32_before_its_finiteness_check():
+    """A float64 value beyond float32's range is refused as Inf, not stored as one."""
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quant.quantize(torch.tensor([1.0, 1e39], dtype=torch.float64), "fp8_e4m3")
+
+
+def test_quantizer_bad_inputs_raise_clear_errors():
+    """A bad format, rounding, NaN or Inf, or a Linear with a bias fails loudly, naming what is accepted."""
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="fp4_e2m1.*accepted.*fp8_e4m3"):
+        quant.quantize(torch.ones(2), "fp4_e2m1")
+    with pytest.raises(ValueError, match="'up'.*accepted.*nearest"):
+        quant.quantize(torch.ones(2), "int8", rounding="up")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quant.quantize(torch.tensor([1.0, float("nan")]), "int8")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quant.quantize(torch.tensor([1.0, float("inf")]), "fp8_e4m3")
+    with pytest.raises(ValueError, match="accepted"):
+        quant.QLinear(4, 4, fmt="fp4")
+    with pytest.raises(TypeError, match="bias-free"):
+        quant.QLinear.from_linear(nn.Linear(4, 4, bias=True))
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int4"])
+def test_qlinear_stores_codes_and_its_gradient_matches_nn_linear(fmt):
+    """QLinear holds 1-byte codes and no float copy; output and gradients equal nn.Linear's on q(W) and q(x)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 16, bias=False)
+    q = quant.QLinear.from_linear(lin, fmt)
+    assert q.weight.dtype == quant.FORMATS[fmt].dtype and q.weight.element_size() == 1
+    assert q.scale.dtype == torch.float32 and q.scale.numel() == (16 if fmt == "fp8_e4m3" else 1)
+    assert [p.dtype for p in q.parameters()] == [quant.FORMATS[fmt].dtype], "no hidden float copy"
+    ref = nn.Linear(32, 16, bias=False)
+    ref.weight.data = q.dequantized_weight().clone()
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    x_seen = quant.quantize_dequantize(x.detach(), "fp8_e4m3") if fmt == "fp8_e4m3" else x.detach().clone()
+    x_seen.requires_grad_()
+    y, y_ref = q(x), ref(x_seen)
+    assert torch.equal(y, y_ref)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    assert torch.equal(q.weight.main_grad, ref.weight.grad)
+    assert torch.equal(x.grad, x_seen.grad), "straight-through: the input gradient ignores the rounding"
+    # main_grad accumulates across micro-batches, like .grad
+    q(x).backward(dy)
+    assert torch.equal(q.weight.main_grad, 2 * ref.weight.grad)
+
+
+def test_qlinear_as_first_layer_input_without_grad():
+    """A first layer (its input needs no gradient) still gets its weight's gradient in main_grad."""
+    torch.manual_seed(0)
+    q = quant.QLinear.from_linear(nn.Linear(8, 4, bias=False))
+    x = torch.randn(3, 8)  # does not require grad
+    q(x).sum().backward()
+    assert q.weight.main_grad is not None and q.weight.main_grad.shape == (4, 8)
+    expected = quant.quantize_dequantize(x, "fp8_e4m3").sum(0).expand(4, 8)
+    assert torch.allclose(q.weight.main_grad, expected)
+
+
+def test_quantize_linears_swaps_only_included_modules_and_survives_copies():
+    """quantize_linears_ swaps only what include() picks; deepcopy and .to() keep each weight's scale and format."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8, bias=False), nn.Linear(8, 10, bias=False))
+    n = quant.quantize_linears_(model, "fp8_e4m3", include=lambda name, m: name == "1")
+    assert n == 1 and isinstance(model[1], quant.QLinear) and type(model[2]) is nn.Linear
+    for clone in (copy.deepcopy(model), model.to("cpu")):
+        assert clone[1].weight.scale is clone[1].scale and clone[1].weight.fmt == "fp8_e4m3"
+
+
+def test_quantize_linears_keeps_tied_and_shared_weights_and_checks_everything_first():
+    """Tied and shared weights stay one weight; a bias, a new forward or a tie to an Embedding is refused first."""
+    torch.manual_seed(0)
+    class Scaled(nn.Linear):  # a subclass that keeps Linear's forward is a Linear
+        pass
+
+    class Custom(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+    shared = nn.Linear(8, 8, bias=False)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False),
+                          Scaled(8, 8, bias=False))
+    model[4].weight = model[3].weight  # tied
+    assert quant.quantize_linears_(model, "fp8_e4m3") == 3  # shared (once), the tied pair (once), Scaled
+    assert model[0] is model[2] and isinstance(model[0], quant.QLinear)
+    assert model[3].weight is model[4].weight and model[3].scale is model[4].scale
+    assert isinstance(model[5], quant.QLinear)
+    opt = eco.ECOAdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    assert torch.equal(model[3].dequantized_weight(), model[4].dequantized_weight())
+    for bad, match in [(nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8)), "bias"),
+                       (nn.Sequential(nn.Linear(8, 8, bias=False), Custom(8, 8, bias=False)), "overrides")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            quant.quantize_linears_(bad, "fp8_e4m3")
+        assert type(bad[0]) is nn.Linear, "nothing was swapped before the error"
+    emb = nn.Embedding(8, 8)
+    head = nn.Linear(8, 8, bias=False)
+    head.weight = emb.weight
+    with pytest.raises(ValueError, match="shared with"):
+        quant.quantize_linears_(nn.ModuleDict(dict(emb=emb, head=head)), "fp8_e4m3")
+
+
+# -----------------------------------------------------------------------------
+# The two FP8 matmul paths: torch._scaled_mm from the stored codes, and the simulated reference
 
 needs_cpu_scaled_mm = pytest.mark.skipif(not quant.scaled_mm_available(torch.device("cpu")),
                                          reason="this torch has no torch._scaled_mm on the CPU")

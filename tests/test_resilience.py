@@ -1,13 +1,17 @@
 """
-A run is its settings and its data, one writer per out_dir, every rank agrees, a step is all or nothing:
-each test tries one way a user can get a silently wrong result, lose one, or half-take a step, and shows
-that it is refused (with a message naming the bad value) or handled, before anything changes.
+A run is its settings and its data, one writer per out_dir, every rank agrees, a step is all or nothing, and a
+crash or a SIGKILL loses nothing: each test tries one way a user can get a silently wrong result, lose one, or
+half-take a step, and shows that it is refused (with a message naming the bad value) or handled, before
+anything changes.
 """
+import json
 import os
+import random
 import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -18,8 +22,8 @@ import prepare
 import quant
 import runs
 import train
-from conftest import ROOT, repo_text, tiny_args
 from model import GPT, GPTConfig
+from reference import ROOT, json_load, repo_text, tiny_args, tiny_model, train_steps
 
 
 def files(folder):
@@ -105,6 +109,7 @@ def test_a_refused_run_leaves_no_new_out_dir_behind(small_data, tmp_path, monkey
 # Every rank agrees
 
 def test_differing_settings_names_each_option_and_every_ranks_value():
+    """Settings that differ between ranks are named option by option, with every rank's value."""
     configs = [dict(lr=0.1, stop_at=0, seed=1), dict(lr=0.1, stop_at=3, seed=1), dict(lr=0.2, stop_at=0, seed=1)]
     assert runs.differing_settings(configs) == ["--lr: rank 0 0.1, rank 1 0.1, rank 2 0.2",
                                                 "--stop_at: rank 0 0, rank 1 3, rank 2 0"]
@@ -135,6 +140,7 @@ def test_ranks_started_with_other_options_all_stop_naming_it_before_anything_is_
 
 @pytest.mark.parametrize("convert", [lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double()])
 def test_a_dtype_conversion_of_a_quantized_model_leaves_codes_and_scales_as_they_are(convert):
+    """model.to(bfloat16), .half() or .double() converts the float parts and leaves codes and scales bit for bit."""
     model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=32))
     model.quantize_("fp8_e4m3")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -209,6 +215,7 @@ def test_a_step_that_would_fail_half_way_is_refused_before_the_first_tensor_chan
 
 
 def test_a_gradient_of_another_shape_is_refused_before_anything_changes():
+    """A gradient of another shape is refused, naming both shapes, before any weight or state changes."""
     weights, opt = two_weights()
     weights[1].weight.main_grad = torch.zeros(300, 16)
     before = snapshot(weights, opt)
@@ -218,6 +225,7 @@ def test_a_gradient_of_another_shape_is_refused_before_anything_changes():
 
 
 def test_a_torch_adamw_state_dict_is_refused_with_a_clear_error():
+    """A torch.optim.AdamW state_dict is refused with a clear error naming the optimizer it needs."""
     weights, opt = two_weights()
     with pytest.raises(ValueError, match="not a state_dict of eco.ECOAdamW"):
         opt.load_state_dict(torch.optim.AdamW([nn.Parameter(torch.zeros(2))]).state_dict())
@@ -242,6 +250,7 @@ def test_a_state_dict_restores_the_seed_and_refuses_another_rounding_or_injectio
 # Clear errors, before anything is created or built
 
 def test_unavailable_device_and_an_out_dir_that_is_a_file_are_refused_by_parse_args(tmp_path):
+    """A device this machine lacks, or an out_dir that is a file, is refused by parse_args, naming what is accepted."""
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="--device='cuda' is out of range; accepted: a device this machine has"):
             train.parse_args(["--device=cuda"])
@@ -251,12 +260,14 @@ def test_unavailable_device_and_an_out_dir_that_is_a_file_are_refused_by_parse_a
 
 
 def test_without_master_rtn_the_table_shows_no_difference_instead_of_nan(small_data, tmp_path, capsys):
+    """Without master_rtn to compare with, the table shows no difference instead of nan."""
     train.main(tiny_args(small_data, tmp_path, "--methods=fp32,eco_sr"))
     table = capsys.readouterr().out.split("method ")[-1]
     assert "nan" not in table and re.search(r"fp8_eco_sr +\d\.\d{4} +- ", table)
 
 
 def test_prepare_refuses_an_out_dir_that_is_a_file_and_a_bad_vocab_size_before_training_a_bpe(tmp_path, capsys):
+    """An out_dir that is a file, or a vocab_size out of range, is refused before a BPE is trained or a folder made."""
     (tmp_path / "input.txt").write_text(repo_text("quant.py"))
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="is a file, not a folder"):
@@ -268,6 +279,7 @@ def test_prepare_refuses_an_out_dir_that_is_a_file_and_a_bad_vocab_size_before_t
 
 
 def test_a_damaged_folder_is_rebuilt_with_its_own_vocabulary_size_and_the_repair_command_says_it(tmp_path):
+    """A damaged folder's error gives the repair command with its vocab_size, and prepare rebuilds it with that size."""
     (tmp_path / "input.txt").write_text(repo_text("quant.py"))
     out = tmp_path / "out"
     prepare.prepare(str(out), str(tmp_path / "input.txt"), vocab_size=300)
@@ -297,3 +309,191 @@ def test_a_gradient_the_kernel_cannot_take_sends_that_tensor_down_the_reference_
         steps[fused] = [t.clone() for t in (weights[1].weight.view(torch.uint8), weights[1].scale,
                                             *opt.state[weights[1].weight].values()) if torch.is_tensor(t)]
     assert all(torch.equal(a, b) for a, b in zip(steps[True], steps[False]))
+
+
+# -----------------------------------------------------------------------------
+# The optimizer: nothing is touched unless every check passes
+
+def test_non_finite_gradient_raises_before_touching_anything():
+    """A NaN gradient in the last parameter is refused before any weight or moment changes."""
+    model = tiny_model()
+    opt = eco.ECOAdamW(model.parameters(), lr=1e-2, mode="eco")
+    train_steps(model, opt, 2, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state_before = {k: v.clone() for k, v in opt.state[model[1].weight].items() if torch.is_tensor(v)}
+    model(torch.arange(4)).sum().backward()
+    model[3].weight.grad[0, 0] = float("nan")  # a plain parameter, visited after the quantized one
+    with pytest.raises(ValueError, match="non-finite gradient"):
+        opt.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v.float(), before[k].float()), k
+    for k, v in state_before.items():
+        assert torch.equal(opt.state[model[1].weight][k], v)
+
+
+def test_a_bad_param_group_or_huge_gradient_raises_before_any_parameter_changes():
+    """A bad lr in a later group, an overflowing square or a stray .grad is refused before anything changes."""
+    model = tiny_model()
+    opt = eco.ECOAdamW([dict(params=[model[0].weight, model[1].weight]), dict(params=[model[3].weight])], lr=1e-2)
+    train_steps(model, opt, 2, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {k: v.clone() for k, v in opt.state[model[1].weight].items() if torch.is_tensor(v)}
+
+    def unchanged():
+        return (all(torch.equal(v.float(), before[k].float()) for k, v in model.state_dict().items())
+                and all(torch.equal(opt.state[model[1].weight][k], v) for k, v in moments.items()))
+    model(torch.arange(4)).sum().backward()
+    opt.param_groups[1]["lr"] = -1e-2  # the second group: the first would be stepped before it is reached
+    with pytest.raises(ValueError, match="lr=-0.01"):
+        opt.step()
+    assert unchanged()
+    opt.param_groups[1]["lr"] = 1e-2
+    model[3].weight.grad[0, 0] = 1e22  # finite, but its square is not: v would become inf and poison m
+    with pytest.raises(ValueError, match="overflows"):
+        opt.step()
+    assert unchanged()
+    model[3].weight.grad[0, 0] = 0.0
+    model[1].weight.grad = torch.zeros_like(model[1].weight)  # a gradient where the optimizer never looks
+    with pytest.raises(ValueError, match="main_grad"):
+        opt.step()
+    assert unchanged()
+
+
+# -----------------------------------------------------------------------------
+# train.py: checkpoints and results.json: refused mismatches, atomic writes, nothing lost in a crash
+
+@pytest.fixture(scope="module")
+def stopped_run(small_data, tmp_path_factory):
+    """A run stopped at step 3 of 6 with checkpoints: the tests below try to resume it (read-only)."""
+    out = tmp_path_factory.mktemp("stopped")
+    train.main(tiny_args(small_data, out, "--methods=eco_sr", "--save_checkpoint=True", "--stop_at=3"))
+    return out
+
+
+@pytest.mark.parametrize("change, message", [("--lr=0.001", "lr=0.003 there, 0.001 now"),
+                                             ("--seed=1", "seed=1337 there, 1 now"),
+                                             ("--batch_size=2", "batch_size=4 there, 2 now")])
+def test_resume_with_settings_that_change_the_run_is_refused_naming_them(small_data, stopped_run, change, message):
+    """Resuming with settings that change the run is refused, naming each, before anything changes."""
+    before = {p: p.read_bytes() for p in stopped_run.iterdir()}
+    with pytest.raises(ValueError, match=f"ckpt_fp8_eco_sr.pt comes from a run with other settings: {message}"):
+        train.main(tiny_args(small_data, stopped_run, "--methods=eco_sr", "--resume=True", change))
+    assert {p: p.read_bytes() for p in stopped_run.iterdir()} == before
+
+
+def test_a_truncated_checkpoint_is_refused_with_its_path(small_data, stopped_run, tmp_path):
+    """A truncated checkpoint is refused, naming its path."""
+    out = tmp_path / "copy"
+    out.mkdir()
+    for p in stopped_run.iterdir():
+        (out / p.name).write_bytes(p.read_bytes())
+    ckpt = out / "ckpt_fp8_eco_sr.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # a write cut short, the old non-atomic way
+    with pytest.raises(ValueError, match=re.escape(str(ckpt)) + " is damaged"):
+        train.main(tiny_args(small_data, out, "--methods=eco_sr", "--resume=True"))
+
+
+def test_a_write_that_fails_midway_leaves_the_previous_checkpoint_loadable(stopped_run, tmp_path):
+    """A write killed midway leaves the previous checkpoint loadable, and nothing behind in the next one's way."""
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes((stopped_run / "ckpt_fp8_eco_sr.pt").read_bytes())
+    old = path.read_bytes()
+
+    def killed_while_writing(f):
+        f.write(old[: len(old) // 3])
+        raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare.write_atomic(str(path), killed_while_writing)
+    assert path.read_bytes() == old and runs.read_checkpoint(str(path))["step"] == 3
+    prepare.write_atomic(str(path), lambda f: f.write(b"new"))  # and nothing is left behind to get in the way
+    assert path.read_bytes() == b"new" and not os.path.exists(str(path) + ".tmp")
+
+
+def test_results_json_keeps_finished_methods_through_crashes_and_refused_runs(small_data, tmp_path, monkeypatch):
+    """results.json keeps finished methods through a crash and refused runs, and adds a method run later."""
+    args = tiny_args(small_data, tmp_path, "--methods=eco_sr,master_rtn")
+    real_train_method = train.train_method
+
+    def crash_in_the_second_method(short, *rest):
+        if short == "master_rtn":
+            raise RuntimeError("out of memory")
+        return real_train_method(short, *rest)
+
+    monkeypatch.setattr(train, "train_method", crash_in_the_second_method)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train.main(args)
+    monkeypatch.undo()
+    saved = (tmp_path / "results.json").read_bytes()
+    assert list(json_load(tmp_path / "results.json")["methods"]) == ["fp8_eco_sr"]
+    for refused in (["--max_steps=0"], ["--lr=0.001"], ["--eval_batches=1"]):  # invalid, or another run's settings
+        with pytest.raises(ValueError, match="max_steps=0 is out of range|lr=0.003 there|eval_batches=2 there"):
+            train.main(args + refused)
+        assert (tmp_path / "results.json").read_bytes() == saved
+    train.main(args + ["--methods=master_rtn", "--log_interval=1"])  # same settings, another method: added
+    merged = json_load(tmp_path / "results.json")["methods"]
+    assert list(merged) == ["fp8_eco_sr", "fp8_master_rtn"]
+    assert merged["fp8_eco_sr"] == json.loads(saved)["methods"]["fp8_eco_sr"]
+
+
+# -----------------------------------------------------------------------------
+# train.py: fault injection, SIGKILL at random moments, then --resume=True until done
+
+def checkpoint_steps(out_dir):
+    """{method: step} of every checkpoint on disk; read_checkpoint raises if one is not complete."""
+    return {p.name[len("ckpt_"):-len(".pt")]: runs.read_checkpoint(str(p))["step"] for p in out_dir.glob("ckpt_*.pt")}
+
+
+def test_killed_at_random_moments_and_resumed_ends_bit_identical_to_an_uninterrupted_run(small_data, tmp_path):
+    """SIGKILLed at random moments and resumed until done, a run ends bit-identical to an uninterrupted one."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+    def start(out_dir, *extra):
+        args = tiny_args(small_data, out_dir, "--methods=eco_sr,master_rtn", "--max_steps=24", "--eval_interval=2",
+                          "--eval_batches=1", "--log_interval=24", "--save_checkpoint=True", *extra)
+        return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def wait_for_training(run):  # every check passed, the first method's optimizer is built: training starts
+        lines = []
+        for line in run.stdout:
+            lines.append(line)
+            if ": mode=" in line:
+                break
+        return lines
+
+    straight, stamps = start(tmp_path / "straight"), []
+    for line in straight.stdout:
+        stamps.append((time.perf_counter(), line))
+    log = "".join(line for _, line in stamps) + straight.communicate(timeout=300)[0]
+    assert straight.returncode == 0, log
+    evals = [t for t, line in stamps if "val loss" in line]
+    training_s = evals[-1] - next(t for t, line in stamps if ": mode=" in line)  # kills come within half of it
+    out, rng, kills = tmp_path / "killed", random.Random(0), 0
+    while True:
+        expected = checkpoint_steps(out) if out.exists() else {}  # the last complete checkpoints
+        run = start(out, "--resume=True")
+        if kills < 4:
+            lines = wait_for_training(run)
+            time.sleep(rng.uniform(0.0, 0.5) * training_s)
+            if run.poll() is None:
+                run.send_signal(signal.SIGKILL)
+            log = "".join(lines) + run.communicate(timeout=300)[0]
+        else:
+            log = run.communicate(timeout=300)[0]
+        for name, step in re.findall(r"^(\S+): resuming from .* at step (\d+)$", log, re.M):
+            assert int(step) == expected[name], log
+        for name in re.findall(r"^(\S+): no checkpoint at ", log, re.M):
+            assert name not in expected, log
+        if run.returncode != -signal.SIGKILL:
+            assert run.returncode == 0, log
+            break
+        kills += 1
+        if (out / "results.json").exists():
+            json_load(out / "results.json")  # complete, whenever the kill came
+    assert kills >= 2, "the kills came after the runs had finished: shorten the delays"
+    got, want = json_load(out / "results.json")["methods"], json_load(tmp_path / "straight" / "results.json")["methods"]
+    assert list(got) == list(want) == ["fp8_eco_sr", "fp8_master_rtn"]
+    for name in want:
+        for key in ("val_loss", "curve", "moved_curve", "diverged"):
+            assert got[name][key] == want[name][key], (name, key)
