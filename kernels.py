@@ -486,26 +486,39 @@ HYPER = dict(step=10, lr=1e-3, beta1=0.9, beta2=0.98, eps=1e-9, weight_decay=0.1
 
 
 def check(device, shape=(64, 1000)):
-    """The kernel against the reference with round-to-nearest weights, for every weight format and moments
-    storage: the share of identical codes, whether the scales are equal, and how far each one's stored moments
-    are from the float32 moments of the same step (compressed moments: the kernel's and the reference's
-    stochastic rounding draw different numbers, so the two distances should be alike, not equal)."""
+    """The kernel against the reference for every weight format, moments storage and rounding. Round-to-nearest:
+    the share of codes identical to the reference's, whether the scales are equal, and how far each one's stored
+    moments are from the float32 moments of the same step (compressed moments: kernel and reference draw different
+    random numbers, so the two distances should be alike, not equal). Stochastic rounding: the share of codes that
+    are one of the two grid neighbours of theta / scale, and their mean error in grid steps (unbiased: about 0,
+    within a few times 0.29 / sqrt(number of values))."""
     import eco
     rel = lambda x, y: ((x - y).norm() / y.norm()).item()
-    for fmt in ("fp8_e4m3", "int8"):
+    for fmt in ("fp8_e4m3", "fp8_e5m2", "int8"):
+        f = quant.FORMATS[fmt]
         for moments in MOMENTS:
             load = lambda t: eco.load_moments(dict(zip(eco.MOMENT_KEYS[moments], t[3:])))  # float32 (m, v)
             a = make_inputs(shape, fmt, device, moments=moments)
-            b = [t.clone() for t in a]
+            b, sr = [t.clone() for t in a], [t.clone() for t in a]
             exact = [t.clone() for t in (*a[:3], *load(a))]
             eco_adamw_fused_(*a, moments=moments, fmt=fmt, **HYPER, rounding="nearest", seed=0)
             reference_step_(*b, moments=moments, fmt=fmt, **HYPER)
+            theta, _ = eco.adamw_update(quant.dequantize(*exact[:2], fmt), exact[2], *(t.clone() for t in exact[3:]),
+                                        **HYPER)  # this step's float32 weight, before rounding
             reference_step_(*exact, fmt=fmt, **HYPER)  # the same step with float32 moments
             same = (a[0].float() == b[0].float()).float().mean().item()
             (m_a, v_a), (m_b, v_b) = load(a), load(b)
-            print(f"check {fmt:9s} moments={moments:4s} {tuple(shape)} RTN on {device}: codes identical {same:.6%}, "
+            print(f"check {fmt:9s} moments={moments:4s} {tuple(shape)} on {device}: RTN codes identical {same:.6%}, "
                   f"scales equal {torch.equal(a[1], b[1])}; m, v vs float32: kernel {rel(m_a, exact[3]):.1e} "
                   f"{rel(v_a, exact[4]):.1e}, reference {rel(m_b, exact[3]):.1e} {rel(v_b, exact[4]):.1e}")
+            eco_adamw_fused_(*sr, moments=moments, fmt=fmt, **HYPER, rounding="stochastic", seed=1)
+            y = (theta / sr[1]).clamp(-f.max, f.max)  # in grid units of the new scale (the same as RTN's)
+            step = quant.grid_step(y, f)
+            lo, hi = torch.floor(y / step) * step, torch.ceil(y / step) * step
+            codes = sr[0].float()
+            print(f"      {'':9s} {'':12s} {'':{len(str(tuple(shape))) + len(device) + 4}s}  SR codes on a neighbour "
+                  f"{((codes == lo) | (codes == hi)).float().mean().item():.6%}, mean error "
+                  f"{((codes - y) / step).mean().item():+.4f} grid steps (n = {y.numel()})")
 
 
 def benchmark():

@@ -532,3 +532,29 @@ def plot_intervals(summary, path):
     fig.tight_layout()
     prepare.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
+
+
+def compare(a, b):
+    """Paired comparison of two methods across two --seeds runs (e.g. another moments storage against the default):
+    a and b are "out_dir:method"; seeds present in both are paired. Returns (mean difference a - b, interval, seeds)."""
+    rows = []
+    for spec in (a, b):
+        out_dir, _, method = spec.rpartition(":")
+        with open(os.path.join(out_dir, "results.json")) as f:
+            seeds = json.load(f).get("seeds")
+        if not seeds:
+            raise ValueError(f"{out_dir}/results.json holds no seeds: give the out_dir of a --seeds run")
+        rows.append({s: r[method]["val_loss"] for s, r in seeds.items() if method in r})
+    common = sorted(set(rows[0]) & set(rows[1]), key=int)
+    diffs = [rows[0][s] - rows[1][s] for s in common]
+    mean, half = paired_interval(diffs)
+    return mean, [mean - half, mean + half], common
+
+
+if __name__ == "__main__":  # python runs.py OUT_A:METHOD OUT_B:METHOD
+    if len(sys.argv) != 3:
+        sys.exit("usage: python runs.py OUT_A:METHOD OUT_B:METHOD   (two --seeds runs; paired by seed)")
+    mean, (lo, hi), common = compare(*sys.argv[1:])
+    verdict = "contains 0: unresolved" if lo <= 0 <= hi else "resolved: " + ("lower" if hi < 0 else "higher")
+    print(f"{sys.argv[1]} - {sys.argv[2]}: {mean:+.4f} [{lo:+.4f}, {hi:+.4f}] (95% interval, seeds "
+          f"{', '.join(common)})  {verdict}")

@@ -508,3 +508,7 @@ def test_several_seeds_train_in_sub_folders_as_single_runs_and_report_paired_int
     assert (tmp_path / "two" / "seed_1337" / "log.txt").exists()
     train.main(args)
     assert "seed 1337: finished in" in capsys.readouterr().out
+    # python runs.py A:method B:method pairs two --seeds runs by seed: here one run with itself
+    mean, interval, common = runs.compare(f"{tmp_path / 'two'}:fp8_eco_sr", f"{tmp_path / 'two'}:fp8_master_rtn")
+    assert common == ["1337", "1338"] and math.isclose(mean, summary["fp8_eco_sr"]["difference"])
+    assert all(math.isclose(x, y) for x, y in zip(interval, summary["fp8_eco_sr"]["interval"]))
