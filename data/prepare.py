@@ -41,6 +41,7 @@ import hashlib
 import heapq
 import json
 import os
+import secrets
 import shlex
 import subprocess
 import sys
@@ -320,19 +321,18 @@ def is_complete(out_dir):
 # Building a folder: everything in memory first, then temporary files moved into place
 
 def write_temp(path, write):
-    """write(f) into a new temporary file beside path, flushed to disk and given the permissions open() would
-    give (mkstemp creates 0600); returns its name. If write fails the temporary file is removed."""
-    umask = os.umask(0)  # the only way to read the umask is to set it; put it back at once
-    os.umask(umask)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    """write(f) into a new hidden temporary file beside path, flushed to disk; returns its name. Opened as any new
+    file is (mode 0666 less the umask; tempfile's would be 0600). If write fails the temporary file is removed."""
+    tmp = os.path.join(os.path.dirname(path) or ".",
+                       f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:  # x: a new file, never one that exists
             write(f)
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file
-        os.chmod(tmp, 0o666 & ~umask)
     except BaseException:
-        os.remove(tmp)
+        if os.path.exists(tmp):
+            os.remove(tmp)
         raise
     return tmp
 
