@@ -40,6 +40,7 @@ also the oracle of kernels.py's fused step. `python eco.py` shows the theory on 
 rules on least squares (about two minutes on a CPU). Test: python -m pytest -q test_eco.py
 """
 import functools
+import importlib
 import math
 import os
 
@@ -137,14 +138,15 @@ def eco_sgd_step(weight, grad, momentum_buffer, *, lr, momentum, weight_decay, q
 
 class _QuantizedOptimizer(torch.optim.Optimizer):
     """What ECOAdamW and ECOSGD share: argument checks, the rounding generator, main_grad handling,
-    and a state_dict that survives FP8 parameters and compressed moments."""
+    and a state_dict that survives FP8 parameters and compressed moments. A param group's hyper-parameters are
+    checked when the group is created or a value is set (_CheckedGroup), the gradients at each step."""
 
     def __init__(self, params, defaults, mode, rounding, seed, injection):
         _check_choice("mode", mode, MODES)
         quant.check_rounding(rounding)
         _check_choice("injection", injection, INJECTIONS)
-        super().__init__(params, defaults)
         self.mode, self.rounding, self.seed, self.injection = mode, rounding, seed, injection
+        super().__init__(params, defaults)  # add_param_group below checks each group
         devices = {p.device for p in self._params()}
         if len(devices) > 1:
             raise ValueError(f"parameters on several devices {sorted(map(str, devices))}; accepted: one device "
@@ -162,6 +164,34 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
         with torch.enable_grad():
             return closure()
 
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        self.param_groups[-1] = _CheckedGroup(self.param_groups[-1], self._check_param_group)
+
+    def __getstate__(self):  # pickling and copies: torch's keeps defaults, state and param_groups only
+        state = dict(super().__getstate__(), fused=getattr(self, "kernels", None) is not None)
+        return state | {k: getattr(self, k) for k in ("mode", "rounding", "seed", "injection", "generator")}
+
+    def __setstate__(self, state):  # torch's load_state_dict, unpickling and copies: groups come back plain dicts
+        state = dict(state)
+        fused = state.pop("fused", None)
+        super().__setstate__(state)
+        if fused is not None:  # a copy: the kernels module itself is not copied
+            self.kernels = importlib.import_module("kernels") if fused else None
+        self.param_groups = [_CheckedGroup(g, self._check_param_group, check_now=False) for g in self.param_groups]
+
+    def _check_param_group(self, group):
+        """Everything about one group that a step could fail on: its hyper-parameters (and an lr so small that
+        ECO's coefficient overflows float32), and a moments storage that would differ from its parameters'."""
+        self._check_group(group, self.mode)
+        if self.injection == "next_lr" and "next_lr" in group:  # (set by the training loop before each step)
+            _check_number("next_lr", group["next_lr"], 0.0, math.inf)
+        if self.mode == "eco" and (self.injection == "paper" or "next_lr" in group):
+            _check_injection(group, group["betas"][0] if "betas" in group else group["momentum"], self.injection)
+        for p in group["params"]:
+            if self.state.get(p):
+                self._check_state(p, group, self.state[p])
+
     def _check_group(self, group, mode):  # per class: the hyper-parameters of one param group
         raise NotImplementedError
 
@@ -172,16 +202,12 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
         return GRAD_LIMIT
 
     def _work(self):
-        """Every check that can fail, before any tensor is touched; then the (group, index, p, grad) to step."""
+        """Every check that can fail at a step, before any tensor is touched (the groups were checked when they were
+        set); then the (group, index, p, grad) to step."""
         for group in self.param_groups:
-            self._check_group(group, self.mode)
-            if self.injection == "next_lr":
-                if "next_lr" not in group:
-                    raise ValueError("injection='next_lr' needs each param group's 'next_lr' (the lr of the next "
-                                     "step), set by the training loop before step() like 'lr'")
-                _check_number("next_lr", group["next_lr"], 0.0, math.inf)
-            if self.mode == "eco":
-                _check_injection(group, group["betas"][0] if "betas" in group else group["momentum"], self.injection)
+            if self.injection == "next_lr" and "next_lr" not in group:
+                raise ValueError("injection='next_lr' needs each param group's 'next_lr' (the lr of the next "
+                                 "step), set by the training loop before step() like 'lr'")
         work, index = [], 0
         for group in self.param_groups:
             for p in group["params"]:
@@ -193,8 +219,6 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
                     if grad.shape != p.shape or not grad.is_floating_point():
                         raise ValueError(f"a gradient of shape {tuple(grad.shape)} and dtype {grad.dtype} for a "
                                          f"parameter of shape {tuple(p.shape)}; accepted: a float tensor of its shape")
-                    if self.state.get(p):
-                        self._check_state(p, group, self.state[p])
                     work.append((group, index, p, grad))
                 index += 1
         checked = [(p, g, self._grad_limit(p, group)) for group, _, p, g in work if g.numel()]
@@ -241,6 +265,8 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"this state was saved by {dict(saved_by, seed=seed)}; this optimizer is {mine} "
                              "(an older eco.py saved no rounding, injection and seed)")
         generator_state = state_dict.pop("generator")
+        for group in state_dict["param_groups"]:  # the saved hyper-parameters this optimizer will take on
+            self._check_group(dict(group), self.mode)
         params = self._params()
         groups = [g for g in self.param_groups for _ in g["params"]]
         for index, saved in state_dict["state"].items():
@@ -257,6 +283,8 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
             self.state[p] = {k: v.to(p.device, copy=True) if torch.is_tensor(v) else v for k, v in saved.items()}
         self.generator.set_state(generator_state.cpu())  # a checkpoint loaded with map_location="cuda" moved it
         self.seed = seed
+        for group in self.param_groups:  # the saved groups against the restored state
+            self._check_param_group(group)
 
 
 class ECOAdamW(_QuantizedOptimizer):
@@ -573,6 +601,38 @@ GRAD_LIMIT = math.sqrt(torch.finfo(torch.float32).max)  # |g| above this overflo
 # ... and by how v is stored: bfloat16 tops out below float32, and stochastic rounding may round a v just under
 # float32's limit up to inf. Half the largest bfloat16 leaves room for the float32 roundings of v's update.
 GRAD_LIMITS = dict(fp32=GRAD_LIMIT, bf16=math.sqrt(torch.finfo(torch.bfloat16).max / 2), fp8=GRAD_LIMIT)
+
+
+class _CheckedGroup(dict):
+    """A param group that checks itself whenever a value is set (group["lr"] = x, group.update(...), torch's LR
+    schedulers): a bad value is refused where it is supplied, and the group keeps its last good values, so step()
+    need not check the hyper-parameters again. Pickled and copied as a plain dict (the optimizer wraps it again)."""
+
+    def __init__(self, group, check, check_now=True):
+        super().__init__(group)
+        self.check = check
+        if check_now:
+            check(self)
+
+    def __setitem__(self, key, value):
+        self.update({key: value})
+
+    def update(self, *args, **kwargs):
+        changes = dict(*args, **kwargs)
+        old = {k: self[k] for k in changes if k in self}
+        super().update(changes)
+        try:
+            self.check(self)
+        except Exception:
+            for k in changes:  # put the group back as it was
+                if k in old:
+                    super().__setitem__(k, old[k])
+                else:
+                    super().__delitem__(k)
+            raise
+
+    def __reduce__(self):
+        return dict, (dict(self),)
 
 
 def _check_injection(group, beta, injection):

@@ -4,7 +4,9 @@ crash or a SIGKILL loses nothing: each test tries one way a user can get a silen
 half-take a step, and shows that it is refused (with a message naming the bad value) or handled, before
 anything changes.
 """
+import copy
 import json
+import io
 import os
 import random
 import re
@@ -193,7 +195,8 @@ def snapshot(weights, opt):
 @pytest.mark.parametrize("group_change", [dict(lr=1e-40), dict(next_lr=1e-40), dict(moments="bf16")])
 def test_a_step_that_would_fail_half_way_is_refused_before_the_first_tensor_changes(group_change):
     """An lr or next_lr whose injection coefficient overflows float32, and moments changed after the first step
-    (the storage is set once: it used to be ignored, and the optimizer then refused its own state_dict)."""
+    (the storage is set once: it used to be ignored, and the optimizer then refused its own state_dict). Refused
+    where the value is set, by item or by update; the group keeps its values and the next step is as before."""
     weights, opt = two_weights(injection="next_lr")
     opt.param_groups[0]["next_lr"] = 1e-3
     opt.step()
@@ -201,16 +204,18 @@ def test_a_step_that_would_fail_half_way_is_refused_before_the_first_tensor_chan
         w.weight.main_grad = torch.ones(16, 300) * 1e-3
     before = snapshot(weights, opt)
     group = dict(opt.param_groups[0])
-    opt.param_groups[0].update(group_change)
-    with pytest.raises(ValueError, match="overflows float32|keeps its moments as 'fp32'"):
-        opt.step()
+    key, value = next(iter(group_change.items()))
+    for change in (lambda: opt.param_groups[0].update(group_change), lambda: opt.param_groups[0].__setitem__(key, value)):
+        with pytest.raises(ValueError, match="overflows float32|keeps its moments as 'fp32'"):
+            change()
+        assert opt.param_groups[0] == group
     after = snapshot(weights, opt)
     assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
     assert before[1].keys() == after[1].keys() and all(
         torch.equal(a, b) if torch.is_tensor(a) else a == b
         for k in before[1] for a, b in zip(before[1][k].values(), after[1][k].values()))
-    opt.param_groups[0].update(group)
     opt.load_state_dict(opt.state_dict())  # the optimizer takes back its own state
+    assert isinstance(opt.param_groups[0], eco._CheckedGroup) and opt.param_groups[0] == group
     opt.step()
 
 
@@ -343,11 +348,9 @@ def test_a_bad_param_group_or_huge_gradient_raises_before_any_parameter_changes(
         return (all(torch.equal(v.float(), before[k].float()) for k, v in model.state_dict().items())
                 and all(torch.equal(opt.state[model[1].weight][k], v) for k, v in moments.items()))
     model(torch.arange(4)).sum().backward()
-    opt.param_groups[1]["lr"] = -1e-2  # the second group: the first would be stepped before it is reached
-    with pytest.raises(ValueError, match="lr=-0.01"):
-        opt.step()
-    assert unchanged()
-    opt.param_groups[1]["lr"] = 1e-2
+    with pytest.raises(ValueError, match="lr=-0.01"):  # refused where it is set: no step can take it
+        opt.param_groups[1]["lr"] = -1e-2  # the second group: the first would be stepped before it is reached
+    assert opt.param_groups[1]["lr"] == 1e-2 and unchanged()
     model[3].weight.grad[0, 0] = 1e22  # finite, but its square is not: v would become inf and poison m
     with pytest.raises(ValueError, match="overflows"):
         opt.step()
@@ -497,3 +500,19 @@ def test_killed_at_random_moments_and_resumed_ends_bit_identical_to_an_uninterru
     for name in want:
         for key in ("val_loss", "curve", "moved_curve", "diverged"):
             assert got[name][key] == want[name][key], (name, key)
+
+
+def test_param_groups_check_themselves_after_a_load_a_copy_and_a_pickle():
+    """Groups come back from torch's load_state_dict, copy.deepcopy and torch.save as plain dicts: the optimizer wraps
+    them again, so a bad value set afterwards is still refused; the copies keep mode, seed and rounding generator."""
+    weights, opt = two_weights()
+    opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt, buffer)  # the whole optimizer, pickled
+    for other in (copy.deepcopy(opt), torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)):
+        assert all(isinstance(g, eco._CheckedGroup) for g in other.param_groups)
+        with pytest.raises(ValueError, match="invalid eps=0"):
+            other.param_groups[0]["eps"] = 0.0
+        hyper = lambda g: {k: v for k, v in g.items() if k != "params"}
+        assert hyper(other.param_groups[0]) == hyper(opt.param_groups[0]) and other.mode == "eco"
+        assert torch.equal(other.generator.get_state(), opt.generator.get_state()) and other.seed == opt.seed
