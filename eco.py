@@ -56,38 +56,6 @@ MOMENTS = ("fp32", "bf16", "fp8")
 # -----------------------------------------------------------------------------
 # The math, as pure functions of tensors
 
-def injection_coefficient(lr, weight_decay, beta, bc=1.0, next_lr=None, next_bc=None):
-    """alpha in m <- m + alpha * (step-size denominator) * e; 0.0 means: skip the injection.
-    bc is Adam's bias correction 1 - beta1^t (1 for SGD). The paper's rule when next_lr is None (module
-    docstring); otherwise the next-step rule, with next_bc = 1 - beta1^(t+1), derived here.
-
-    Under a learning-rate schedule (beyond the paper; injection="next_lr"). Write lr_t for step t's lr and let
-    master-weight SGDM produce theta_t from m_t. Stored weights w_t = theta_t - e_t follow the master exactly
-    if the momentum carries the error in the form the NEXT step will apply it:
-        m_t = m_master_t - (1 - lr_{t+1} wd) e_t / (lr_{t+1} beta)
-    (step t+1 computes (1 - lr_{t+1} wd) w_t - lr_{t+1} beta m_t + ..., and the two error terms cancel).
-    Since m~_t = beta m_{t-1} + (1 - beta) g_t already carries -(1 - lr_t wd) e_{t-1} / lr_t, the exact
-    update is the two-term rule (the paper's appendix, with a schedule)
-        m_t = m~_t + (1 - lr_t wd) e_{t-1} / lr_t - (1 - lr_{t+1} wd) e_t / (lr_{t+1} beta),
-    which needs e_{t-1} stored. Taking e_{t-1} ~ e_t, as the paper does, leaves one coefficient:
-        c_t = (1 - lr_t wd) / lr_t - (1 - lr_{t+1} wd) / (lr_{t+1} beta).
-    With lr_{t+1} = lr_t this is the paper's (1 - lr wd)(1/lr)(1 - 1/beta). During a warm-up lr_{t+1} > lr_t
-    and the paper's rule injects too much; during a decay, too little. For AdamW, lr is replaced by the
-    per-element step size lr_t / (bc1_t d_t), d_t = sqrt(v_t/bc2_t) + eps, taking d_{t+1} ~ d_t:
-        alpha_t = (1 - lr_t wd) bc1_t / lr_t - (1 - lr_{t+1} wd) bc1_{t+1} / (lr_{t+1} beta1).
-    At a constant lr this is (1 - lr wd)(1 - 1/beta1) / lr, since bc1_t - bc1_{t+1}/beta1 = 1 - 1/beta1: the
-    paper's coefficient without its factor bc1_t, which differs only in the first tens of steps (10x at step 1
-    with beta1 = 0.9, 4% at step 30), where the next step's bias correction is the one that applies.
-    The training loop passes lr_{t+1} in each param group's "next_lr". This function is the one place
-    either rule is written; the reference, the fused kernel and the tests all call it.
-    """
-    if lr == 0 or next_lr == 0:  # nothing was stepped, or nothing will be: nothing to compensate
-        return 0.0
-    if next_lr is None:
-        return (1 - lr * weight_decay) * (bc / lr) * (1 - 1 / beta)  # negative
-    return (1 - lr * weight_decay) * bc / lr - (1 - next_lr * weight_decay) * next_bc / (next_lr * beta)
-
-
 def adamw_update(weight, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay):
     """One AdamW step in float32 with exactly torch.optim.AdamW's operations (decoupled weight decay,
     bias correction, eps outside the sqrt). Updates the moments in place; returns (theta, denom) with
@@ -131,6 +99,38 @@ def eco_sgd_step(weight, grad, momentum_buffer, *, lr, momentum, weight_decay, q
     if alpha != 0.0:
         momentum_buffer.add_(theta - new_weight, alpha=alpha)  # <- ECO
     return new_weight
+
+
+def injection_coefficient(lr, weight_decay, beta, bc=1.0, next_lr=None, next_bc=None):
+    """alpha in m <- m + alpha * (step-size denominator) * e; 0.0 means: skip the injection.
+    bc is Adam's bias correction 1 - beta1^t (1 for SGD). The paper's rule when next_lr is None (module
+    docstring); otherwise the next-step rule, with next_bc = 1 - beta1^(t+1), derived here.
+
+    Under a learning-rate schedule (beyond the paper; injection="next_lr"). Write lr_t for step t's lr and let
+    master-weight SGDM produce theta_t from m_t. Stored weights w_t = theta_t - e_t follow the master exactly
+    if the momentum carries the error in the form the NEXT step will apply it:
+        m_t = m_master_t - (1 - lr_{t+1} wd) e_t / (lr_{t+1} beta)
+    (step t+1 computes (1 - lr_{t+1} wd) w_t - lr_{t+1} beta m_t + ..., and the two error terms cancel).
+    Since m~_t = beta m_{t-1} + (1 - beta) g_t already carries -(1 - lr_t wd) e_{t-1} / lr_t, the exact
+    update is the two-term rule (the paper's appendix, with a schedule)
+        m_t = m~_t + (1 - lr_t wd) e_{t-1} / lr_t - (1 - lr_{t+1} wd) e_t / (lr_{t+1} beta),
+    which needs e_{t-1} stored. Taking e_{t-1} ~ e_t, as the paper does, leaves one coefficient:
+        c_t = (1 - lr_t wd) / lr_t - (1 - lr_{t+1} wd) / (lr_{t+1} beta).
+    With lr_{t+1} = lr_t this is the paper's (1 - lr wd)(1/lr)(1 - 1/beta). During a warm-up lr_{t+1} > lr_t
+    and the paper's rule injects too much; during a decay, too little. For AdamW, lr is replaced by the
+    per-element step size lr_t / (bc1_t d_t), d_t = sqrt(v_t/bc2_t) + eps, taking d_{t+1} ~ d_t:
+        alpha_t = (1 - lr_t wd) bc1_t / lr_t - (1 - lr_{t+1} wd) bc1_{t+1} / (lr_{t+1} beta1).
+    At a constant lr this is (1 - lr wd)(1 - 1/beta1) / lr, since bc1_t - bc1_{t+1}/beta1 = 1 - 1/beta1: the
+    paper's coefficient without its factor bc1_t, which differs only in the first tens of steps (10x at step 1
+    with beta1 = 0.9, 4% at step 30), where the next step's bias correction is the one that applies.
+    The training loop passes lr_{t+1} in each param group's "next_lr". This function is the one place
+    either rule is written; the reference, the fused kernel and the tests all call it.
+    """
+    if lr == 0 or next_lr == 0:  # nothing was stepped, or nothing will be: nothing to compensate
+        return 0.0
+    if next_lr is None:
+        return (1 - lr * weight_decay) * (bc / lr) * (1 - 1 / beta)  # negative
+    return (1 - lr * weight_decay) * bc / lr - (1 - next_lr * weight_decay) * next_bc / (next_lr * beta)
 
 
 # -----------------------------------------------------------------------------
