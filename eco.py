@@ -180,15 +180,16 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
             self.kernels = importlib.import_module("kernels") if fused else None
         self.param_groups = [_CheckedGroup(g, self._check_param_group, check_now=False) for g in self.param_groups]
 
-    def _check_param_group(self, group):
+    def _check_param_group(self, group, changed=None):
         """Everything about one group that a step could fail on: its hyper-parameters (and an lr so small that
-        ECO's coefficient overflows float32), and a moments storage that would differ from its parameters'."""
+        ECO's coefficient overflows float32), and a moments storage that would differ from its parameters'
+        (looked at when the group is checked whole, or its "moments" is what changed)."""
         self._check_group(group, self.mode)
         if self.injection == "next_lr" and "next_lr" in group:  # (set by the training loop before each step)
             _check_number("next_lr", group["next_lr"], 0.0, math.inf)
         if self.mode == "eco" and (self.injection == "paper" or "next_lr" in group):
             _check_injection(group, group["betas"][0] if "betas" in group else group["momentum"], self.injection)
-        for p in group["params"]:
+        for p in group["params"] if changed is None or "moments" in changed else ():
             if self.state.get(p):
                 self._check_state(p, group, self.state[p])
 
@@ -295,8 +296,6 @@ class ECOAdamW(_QuantizedOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  mode="eco", rounding="stochastic", seed=0, moments="fp32", injection="paper", fused=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, moments=moments)
-        _check_choice("mode", mode, MODES)
-        self._check_group(defaults, mode)
         super().__init__(params, defaults, mode, rounding, seed, injection)
         # fused: the ECO step of row-scaled weights runs as one Triton kernel (kernels.py) on CUDA, for the formats,
         # moments and GPUs kernels.fusable accepts; every other tensor takes the reference path
@@ -415,8 +414,6 @@ class ECOSGD(_QuantizedOptimizer):
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, *, mode="eco", rounding="stochastic", seed=0,
                  injection="paper"):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
-        _check_choice("mode", mode, MODES)
-        self._check_group(defaults, mode)
         super().__init__(params, defaults, mode, rounding, seed, injection)
 
     @torch.no_grad()
@@ -622,7 +619,7 @@ class _CheckedGroup(dict):
         old = {k: self[k] for k in changes if k in self}
         super().update(changes)
         try:
-            self.check(self)
+            self.check(self, changes)  # (lr is set every step: parameters' state is looked at only for moments)
         except Exception:
             for k in changes:  # put the group back as it was
                 if k in old:
