@@ -108,9 +108,7 @@ def out_dir_lock(out_dir):
     """Hold an exclusive lock on <out_dir>/.lock for the block, creating out_dir if needed; refuse if another
     process holds it, naming that process. A kill releases the lock with the process. An out_dir created here
     for a run that is then refused (an error in the block) is removed again if nothing else was put in it."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"--out_dir={out_dir} is a file, not a folder; choose another --out_dir")
-    created = not os.path.exists(out_dir)
+    created = not os.path.exists(out_dir)  # (a file there was refused by check_device_and_out_dir)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, ".lock")
     f = open(path, "a+")
