@@ -30,9 +30,10 @@ Three modes, one optimizer class each for AdamW and SGD:
     eco     no master: as naive, plus the one injection line above
 Parameters that are not quantized (embeddings, norms, LM head) get plain AdamW / SGD in every mode.
 
-Beyond the paper, two options, each derived beside its code: injection="next_lr" sizes the injection for the
-next step's learning rate (injection_coefficient), and moments="bf16" or "fp8" keep AdamW's moments in 2 or 1
-bytes instead of 8 (section "How the AdamW moments are stored").
+Beyond the paper, each derived beside its code: injection="next_lr" sizes the injection for the next step's
+learning rate (injection_coefficient); moments="bf16" or "fp8" keep AdamW's moments in 2 or 1 bytes instead of 8
+(section "How the AdamW moments are stored"); and ECOMuon, ECO for the Muon optimizer, whose one momentum takes
+the error through the inverse of Muon's orthogonalization (section "ECO for Muon").
 
 Reading order: the math (eco_adamw_step, the line marked <- ECO), then ECOAdamW.step (the three modes);
 after them how the moments are stored, main_grad, and the checks both optimizers share. eco_adamw_step is
@@ -188,13 +189,16 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
         if self.injection == "next_lr" and "next_lr" in group:  # (set by the training loop before each step)
             _check_number("next_lr", group["next_lr"], 0.0, math.inf)
         if self.mode == "eco" and (self.injection == "paper" or "next_lr" in group):
-            _check_injection(group, group["betas"][0] if "betas" in group else group["momentum"], self.injection)
+            _check_injection(group, self._beta(group), self.injection)
         for p in group["params"] if changed is None or "moments" in changed else ():
             if self.state.get(p):
                 self._check_state(p, group, self.state[p])
 
     def _check_group(self, group, mode):  # per class: the hyper-parameters of one param group
         raise NotImplementedError
+
+    def _beta(self, group):  # the momentum ECO's coefficient divides by (1 - 1/beta): beta1, or SGD's momentum
+        return group["betas"][0] if "betas" in group else group["momentum"]
 
     def _check_state(self, p, group, state):  # per class: what a step would find wrong in p's existing state
         pass
@@ -217,9 +221,9 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
                                      "gradient belongs in .main_grad (quant.QuantizedWeight puts it there)")
                 grad = grad_of(p)
                 if grad is not None:
-                    if grad.shape != p.shape or not grad.is_floating_point():
+                    if grad.shape != shape_of(p) or not grad.is_floating_point():
                         raise ValueError(f"a gradient of shape {tuple(grad.shape)} and dtype {grad.dtype} for a "
-                                         f"parameter of shape {tuple(p.shape)}; accepted: a float tensor of its shape")
+                                         f"parameter of shape {tuple(shape_of(p))}; accepted: a float tensor of its shape")
                     work.append((group, index, p, grad))
                 index += 1
         checked = [(p, g, self._grad_limit(p, group)) for group, _, p, g in work if g.numel()]
@@ -297,6 +301,40 @@ class ECOAdamW(_QuantizedOptimizer):
                  mode="eco", rounding="stochastic", seed=0, moments="fp32", injection="paper", fused=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, moments=moments)
         super().__init__(params, defaults, mode, rounding, seed, injection)
+        self._use_kernels(fused)  # the fused Triton kernel, where it applies
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = self._closure_loss(closure)
+        for group, index, p, grad in self._work():  # every check first, then one tensor at a time
+            self._step(group, index, p, grad)
+        return loss
+
+    def _step(self, group, index, p, grad):
+        state, hyper = self._state(p, group), self._hyper(p, group)
+        next_lr = group["next_lr"] if self.injection == "next_lr" else None
+        if is_quantized(p) and self._fusable(p, state, grad):
+            self._fused_step(p, grad, state, hyper, next_lr, index)  # eco as one GPU kernel, moments included
+            return
+        m, v = load_moments(state)  # float32
+        if not is_quantized(p):  # embeddings, norms, head: plain AdamW
+            p.copy_(adamw_update(p, grad, m, v, **hyper)[0])
+        else:
+            # store(theta) rounds theta onto p's grid, writes codes + scale into p, returns q(theta)
+            store = functools.partial(quant.store_, p, p.scale, fmt=p.fmt, rounding=self.rounding,
+                                      generator=self.generator)
+            if self.mode == "master":  # AdamW on the float32 master; the stored weight is q(master)
+                theta, _ = adamw_update(state["master"], grad, m, v, **hyper)
+                state["master"].copy_(theta)
+                store(theta)
+            elif self.mode == "naive":  # AdamW on the stored weight; the rounding error is lost
+                store(adamw_update(quant.dequantize(p, p.scale, p.fmt), grad, m, v, **hyper)[0])
+            else:  # eco: as naive, and the rounding error is injected into m
+                eco_adamw_step(quant.dequantize(p, p.scale, p.fmt), grad, m, v, **hyper, next_lr=next_lr,
+                               quantize=store)
+        store_moments_(state, m, v, self.generator)
+
+    def _use_kernels(self, fused):
         # fused: the ECO step of row-scaled weights runs as one Triton kernel (kernels.py) on CUDA, for the formats,
         # moments and GPUs kernels.fusable accepts; every other tensor takes the reference path
         self.kernels = None
@@ -319,34 +357,6 @@ class ECOAdamW(_QuantizedOptimizer):
                     f"capability {capability}; accepted: formats {[n for n, f in quant.FORMATS.items() if f.per_row]}, "
                     f"moments {list(self.kernels.MOMENTS)}, compute capabilities {list(self.kernels.CAPABILITIES)}; "
                     "fused=None lets them take the reference path")
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = self._closure_loss(closure)
-        for group, index, p, grad in self._work():
-            state, hyper = self._state(p, group), self._hyper(p, group)
-            next_lr = group["next_lr"] if self.injection == "next_lr" else None
-            if is_quantized(p) and self._fusable(p, state, grad):
-                self._fused_step(p, grad, state, hyper, next_lr, index)  # eco as one GPU kernel, moments included
-                continue
-            m, v = load_moments(state)  # float32
-            if not is_quantized(p):  # embeddings, norms, head: plain AdamW
-                p.copy_(adamw_update(p, grad, m, v, **hyper)[0])
-            else:
-                # store(theta) rounds theta onto p's grid, writes codes + scale into p, returns q(theta)
-                store = functools.partial(quant.store_, p, p.scale, fmt=p.fmt, rounding=self.rounding,
-                                          generator=self.generator)
-                if self.mode == "master":  # AdamW on the float32 master; the stored weight is q(master)
-                    theta, _ = adamw_update(state["master"], grad, m, v, **hyper)
-                    state["master"].copy_(theta)
-                    store(theta)
-                elif self.mode == "naive":  # AdamW on the stored weight; the rounding error is lost
-                    store(adamw_update(quant.dequantize(p, p.scale, p.fmt), grad, m, v, **hyper)[0])
-                else:  # eco: as naive, and the rounding error is injected into m
-                    eco_adamw_step(quant.dequantize(p, p.scale, p.fmt), grad, m, v, **hyper, next_lr=next_lr,
-                                   quantize=store)
-            store_moments_(state, m, v, self.generator)
-        return loss
 
     @property
     def fused(self):
@@ -376,7 +386,7 @@ class ECOAdamW(_QuantizedOptimizer):
     def _expected_state(self, p, group):
         shapes = {k: (v.dtype, tuple(v.shape)) for k, v in init_moments(p, moments_format(p, group["moments"])).items()}
         if is_quantized(p) and self.mode == "master":
-            shapes["master"] = (torch.float32, tuple(p.shape))
+            shapes["master"] = (torch.float32, tuple(shape_of(p)))
         return shapes
 
     def _state(self, p, group):  # p's state, created at its first step; counts the step
@@ -422,7 +432,7 @@ class ECOSGD(_QuantizedOptimizer):
         for group, _, p, grad in self._work():
             state = self.state[p]
             if not state:
-                state["momentum_buffer"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                state["momentum_buffer"] = torch.zeros(shape_of(p), dtype=torch.float32, device=p.device)
                 if is_quantized(p) and self.mode == "master":
                     state["master"] = quant.dequantize(p, p.scale, p.fmt)
             hyper = dict(lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"])
@@ -450,9 +460,157 @@ class ECOSGD(_QuantizedOptimizer):
         _check_number("weight_decay", group["weight_decay"], 0.0, math.inf)
 
     def _expected_state(self, p, group):
-        shapes = dict(momentum_buffer=(torch.float32, tuple(p.shape)))
+        shapes = dict(momentum_buffer=(torch.float32, tuple(shape_of(p))))
         if is_quantized(p) and self.mode == "master":
-            shapes["master"] = (torch.float32, tuple(p.shape))
+            shapes["master"] = (torch.float32, tuple(shape_of(p)))
+        return shapes
+
+
+# -----------------------------------------------------------------------------
+# ECO for Muon (beyond the paper): one momentum buffer, orthogonalized
+#
+# Muon (used to train small GPTs fast, e.g. modded-nanogpt) steps each weight matrix along the orthogonalized
+# momentum: with m~ = beta m + (1 - beta) g (EMA; no Nesterov here),
+#     theta = (1 - lr wd) w - lr s O,    O = NS(m~) ~ U V^T for m~ = U S V^T,    s = sqrt(max(1, out / in))
+# where NS is a few Newton-Schulz iterations towards the polar factor. It keeps one buffer per weight instead of
+# AdamW's two: with FP4 weights and an FP8 momentum that is under 2 bytes per parameter.
+#
+# The injection. The polar factor is O = m~ H with H = (m~^T m~)^(-1/2). Holding H fixed over the next few steps
+# (as ECO-AdamW holds Adam's denominator), Muon is SGD-momentum whose step lr s m H carries a right
+# preconditioner. ECO-SGDM puts the error e back as m' = m~ + (1 - lr wd)(1/lr)(1 - 1/beta) e; here e must first
+# be mapped from weight space to momentum space, through (s H)^-1, and H^-1 = (m~^T m~)^(1/2) = O^T m~ exactly
+# (for U V^T = O: O^T m~ = V U^T U S V^T = V S V^T). One extra matmul, no new state:
+#     m' = m~ + (1 - lr wd) / (lr s) * (1 - 1/beta) * e (O^T m~)
+# Check: if no code moved and wd = 0, e = -lr s O, and the injection is -(1 - 1/beta) O O^T m~ = -(1 - 1/beta) m~
+# (O O^T m~ = U V^T V S V^T... = U S V^T = m~), so m' = m~ / beta: the momentum stops decaying, exactly as in
+# ECO-SGDM, and the sub-grid updates pile up until they cross a grid point. (O is scale-free: NS(c m) = NS(m);
+# what the injection changes is the weight of the past against the next gradients.) With Newton-Schulz's
+# approximate O the identity holds approximately; with the exact polar factor (ns_steps=0) up to float32 rounding.
+# The coefficient is injection_coefficient's (either rule) divided by s.
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Muon's quintic: pushes singular values towards [0.7, 1.2] fast
+
+
+def newton_schulz(G, steps=5):
+    """Muon's orthogonalization of G [..., rows, cols] in float32: `steps` iterations X <- a X + (b A + c A^2) X
+    with A = X X^T, from X = G / |G|_F; each maps every singular value sigma to a sigma + b sigma^3 + c sigma^5 and
+    keeps the singular vectors, so X tends to about U V^T. steps=0: the exact polar factor U V^T (by SVD; slow)."""
+    G = G.float()
+    if steps == 0:
+        U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+        return (U * (S > 0).unsqueeze(-2)) @ Vh  # a zero singular value stays 0, as Newton-Schulz keeps it
+    a, b, c = NS_COEFFICIENTS
+    wide = G.shape[-2] <= G.shape[-1]
+    X = G if wide else G.mT  # iterate on the wide side: A is the smaller Gram matrix
+    X = X / (torch.linalg.matrix_norm(X, keepdim=True) + 1e-7)  # singular values <= 1
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X if wide else X.mT
+
+
+def muon_update(weight, grad, momentum_buffer, *, lr, momentum, weight_decay, ns_steps):
+    """Muon: m = beta m + (1 - beta) g (in place), theta = (1 - lr wd) w - lr s NS(m). Returns (theta, NS(m), s)."""
+    momentum_buffer.lerp_(grad.float(), 1 - momentum)
+    O = newton_schulz(momentum_buffer, ns_steps)
+    s = max(1.0, weight.shape[-2] / weight.shape[-1]) ** 0.5  # out / in of each matrix (of each expert in a bank)
+    return weight.float() * (1 - lr * weight_decay) - lr * s * O, O, s
+
+
+def eco_muon_step(weight, grad, momentum_buffer, *, lr, momentum, weight_decay, ns_steps, quantize, next_lr=None):
+    """ECO for Muon: m' = m~ + alpha / s * e (O^T m~), alpha from injection_coefficient. Returns q(theta)."""
+    theta, O, s = muon_update(weight, grad, momentum_buffer, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                              ns_steps=ns_steps)
+    new_weight = quantize(theta)
+    alpha = injection_coefficient(lr, weight_decay, momentum, next_lr=next_lr, next_bc=1.0) / s
+    if alpha != 0.0:
+        error = theta - new_weight
+        momentum_buffer.add_(error @ (O.mT @ momentum_buffer), alpha=alpha)  # <- ECO, through H^-1 = O^T m~
+    return new_weight
+
+
+class ECOMuon(ECOAdamW):
+    """Muon for weight matrices, AdamW for the rest, in one optimizer; modes, roundings and injections as ECOAdamW.
+    A param group with use_muon=True (the default) takes Muon: every parameter a matrix or a bank of them [..., out,
+    in], stepped one matrix at a time, its momentum stored as `moments` says (fp32, bf16, or fp8 with one scale per
+    block of 128, both written with stochastic rounding). A group with use_muon=False takes ECOAdamW's step (betas,
+    eps; the fused kernel where it applies): embeddings, head and norm gains, as Muon is used.
+        ECOMuon([dict(params=matrices), dict(params=others, use_muon=False, lr=3e-3)], lr=0.02, momentum=0.95)"""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, ns_steps=5, *, betas=(0.9, 0.999), eps=1e-8,
+                 mode="eco", rounding="stochastic", seed=0, moments="fp32", injection="paper", fused=None):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps, use_muon=True,
+                        betas=betas, eps=eps, moments=moments)
+        _QuantizedOptimizer.__init__(self, params, defaults, mode, rounding, seed, injection)
+        self._use_kernels(fused)  # for the AdamW groups
+
+    def _step(self, group, index, p, grad):
+        if not group["use_muon"]:
+            return super()._step(group, index, p, grad)
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state.update(init_momentum(p, moments_format(p, group["moments"])))
+            if is_quantized(p) and self.mode == "master":
+                state["master"] = quant.dequantize(p, p.scale, p.fmt)
+        state["step"] += 1
+        hyper = dict(lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
+                     ns_steps=group["ns_steps"])
+        next_lr = group["next_lr"] if self.injection == "next_lr" else None
+        m = load_momentum(state)  # float32
+        if not is_quantized(p):  # plain Muon
+            p.copy_(muon_update(p, grad, m, **hyper)[0])
+        else:
+            store = functools.partial(quant.store_, p, p.scale, fmt=p.fmt, rounding=self.rounding,
+                                      generator=self.generator)
+            if self.mode == "master":  # Muon on the float32 master; the stored weight is q(master)
+                theta = muon_update(state["master"], grad, m, **hyper)[0]
+                state["master"].copy_(theta)
+                store(theta)
+            elif self.mode == "naive":  # Muon on the stored weight; the rounding error is lost
+                store(muon_update(quant.dequantize(p, p.scale, p.fmt), grad, m, **hyper)[0])
+            else:  # eco: the error goes into the momentum
+                eco_muon_step(quant.dequantize(p, p.scale, p.fmt), grad, m, **hyper, next_lr=next_lr, quantize=store)
+        store_momentum_(state, m, self.generator)
+
+    def _check_group(self, group, mode):
+        _check_choice("use_muon", group["use_muon"], (True, False))
+        if not group["use_muon"]:
+            return super()._check_group(group, mode)
+        _check_number("lr", group["lr"], 0.0, math.inf)
+        _check_number("momentum", group["momentum"], 0.0, 1.0, low_open=(mode == "eco"))
+        _check_number("weight_decay", group["weight_decay"], 0.0, math.inf)
+        steps = group["ns_steps"]
+        if not (isinstance(steps, int) and not isinstance(steps, bool) and 0 <= steps <= 100):
+            raise ValueError(f"invalid ns_steps={steps!r}; accepted: an integer in [0, 100] (0: exact polar factor)")
+        _check_choice("moments", group["moments"], MOMENTS)
+        vectors = [tuple(shape_of(p)) for p in group["params"] if torch.is_tensor(p) and len(shape_of(p)) < 2]
+        if vectors:
+            raise ValueError(f"Muon steps matrices; parameters of shapes {vectors} are not: put them in a group with "
+                             "use_muon=False (AdamW)")
+
+    def _beta(self, group):
+        return group["momentum"] if group["use_muon"] else super()._beta(group)
+
+    def _check_state(self, p, group, state):
+        if not group["use_muon"]:
+            return super()._check_state(p, group, state)
+        stored, wanted = stored_momentum(state), moments_format(p, group["moments"])
+        if stored != wanted:
+            raise ValueError(f"a parameter of shape {tuple(shape_of(p))} keeps its momentum as {stored!r} since its "
+                             f"first step; its group now asks for moments={group['moments']!r}: the storage is set "
+                             f"once (accepted here: {stored!r})")
+
+    def _grad_limit(self, p, group):  # Muon squares no gradient: only NaN and Inf are refused
+        return torch.finfo(torch.float32).max if group["use_muon"] else super()._grad_limit(p, group)
+
+    def _expected_state(self, p, group):
+        if not group["use_muon"]:
+            return super()._expected_state(p, group)
+        momentum = init_momentum(p, moments_format(p, group["moments"]))
+        shapes = {k: (v.dtype, tuple(v.shape)) for k, v in momentum.items()}
+        if is_quantized(p) and self.mode == "master":
+            shapes["master"] = (torch.float32, tuple(shape_of(p)))
         return shapes
 
 
@@ -482,12 +640,12 @@ MOMENT_KEYS = dict(fp32=("exp_avg", "exp_avg_sq"), bf16=("exp_avg", "exp_avg_sq"
 
 def moments_format(p, moments):
     """The storage actually used for p's moments: the requested one, or fp32 for small tensors."""
-    return moments if p.numel() >= MIN_COMPRESSED_NUMEL else "fp32"
+    return moments if math.prod(shape_of(p)) >= MIN_COMPRESSED_NUMEL else "fp32"
 
 
 def init_moments(p, moments):
     """Zero moments for parameter p in the given storage, as a dict of optimizer-state entries."""
-    zeros = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+    zeros = torch.zeros(shape_of(p), dtype=torch.float32, device=p.device)
     if moments == "fp32":
         return dict(exp_avg=zeros, exp_avg_sq=zeros.clone())
     if moments == "bf16":
@@ -532,11 +690,54 @@ def store_moments_(state, exp_avg, exp_avg_sq, generator):
             state[key + "_scale"].copy_(scale)
 
 
+# Muon's one momentum, stored the same three ways (fp8: the format and blocks of AdamW's m)
+
+def init_momentum(p, moments):
+    """A zero Muon momentum for parameter p in the given storage, as a dict of optimizer-state entries."""
+    zeros = torch.zeros(shape_of(p), dtype=torch.float32, device=p.device)
+    if moments == "fp32":
+        return dict(momentum_buffer=zeros)
+    if moments == "bf16":
+        return dict(momentum_buffer=zeros.bfloat16())
+    codes, scale = quant.quantize_blocks(zeros, MOMENT_FP8["exp_avg"], MOMENT_BLOCK)
+    return dict(momentum_buffer=codes, momentum_buffer_scale=scale)
+
+
+def stored_momentum(state):
+    if "momentum_buffer_scale" in state:
+        return "fp8"
+    return "bf16" if state["momentum_buffer"].dtype == torch.bfloat16 else "fp32"
+
+
+def load_momentum(state):
+    """The momentum as float32 to update in place (for fp32 storage: the state tensor itself)."""
+    kind, m = stored_momentum(state), state["momentum_buffer"]
+    if kind == "fp8":
+        return quant.dequantize_blocks(m, state["momentum_buffer_scale"], MOMENT_FP8["exp_avg"], MOMENT_BLOCK)
+    return m if kind == "fp32" else m.float()
+
+
+def store_momentum_(state, m, generator):
+    """Write the updated float32 momentum back into its storage, with stochastic rounding (see above)."""
+    kind = stored_momentum(state)
+    if kind == "bf16":
+        state["momentum_buffer"].copy_(quant.round_to_bfloat16(m, "stochastic", generator))
+    elif kind == "fp8":
+        codes, scale = quant.quantize_blocks(m, MOMENT_FP8["exp_avg"], MOMENT_BLOCK, "stochastic", generator)
+        state["momentum_buffer"].copy_(codes)
+        state["momentum_buffer_scale"].copy_(scale)
+
+
 # -----------------------------------------------------------------------------
 # Gradients of models with quantized weights: they live in weight.main_grad
 
 def is_quantized(p):
     return getattr(p, "fmt", None) is not None
+
+
+def shape_of(p):
+    """The shape of the values p holds: a packed 4-bit weight stores two per byte in a tensor half as wide."""
+    return getattr(p, "logical_shape", p.shape)
 
 
 def grad_of(p):

@@ -386,15 +386,17 @@ def eco_adamw_fused_(codes, scale, grad, exp_avg, exp_avg_sq, exp_avg_scale=None
     The moment tensors are eco.MOMENT_KEYS[moments], in that order: exp_avg, exp_avg_sq (fp32 or bf16), or
     for fp8 the codes of m and of sqrt(v) and their float32 block scales [..., n_blocks]. rounding is the
     weights' ('nearest' or 'stochastic'); compressed moments are always rounded stochastically. next_lr: see
-    eco.injection_coefficient. Row-wise formats only (fp8_e4m3, fp8_e5m2, int8): a per-tensor scale (int4)
-    needs a pass over all rows first; on CUDA, the GPUs in CAPABILITIES. Every check runs before the launch."""
+    eco.injection_coefficient. Row-wise formats only (fp8_e4m3, fp8_e5m2, int8): a per-tensor scale (int4, and
+    nvfp4's tensor scale) needs a pass over all rows first, and packed or block-scaled codes are not what it
+    loads (nvfp4, mxfp4); on CUDA, the GPUs in CAPABILITIES. Every check runs before the launch."""
     import eco  # here, not at the top of the file: eco imports kernels
     f = quant.get_format(fmt)
     quant.check_rounding(rounding)
     if moments not in MOMENTS:
         raise ValueError(f"unknown moments {moments!r}; accepted: {list(MOMENTS)}")
     if not f.per_row:
-        raise ValueError(f"fmt={fmt!r} has one scale per tensor; the fused kernel accepts row-wise formats: "
+        scaling = f"one scale per block of {f.block} values" if f.block else "one scale per tensor"
+        raise ValueError(f"fmt={fmt!r} has {scaling}; the fused kernel accepts row-wise formats: "
                          f"{[n for n, g in quant.FORMATS.items() if g.per_row]}")
     capability = torch.cuda.get_device_capability(codes.device) if codes.is_cuda else None  # None: the interpreter
     if not fusable(fmt, moments, capability):  # format and moments are accepted: the GPU is not
@@ -437,7 +439,7 @@ def eco_adamw_fused_(codes, scale, grad, exp_avg, exp_avg_sq, exp_avg_scale=None
     BLOCK = max(eco.MOMENT_BLOCK if moments == "fp8" else 4, triton.next_power_of_2(n_cols))  # fp8: whole blocks
     # FP8 codes travel as bytes, which every GPU loads and stores (Triton's float8e4nv needs sm_89); the kernel
     # decodes and encodes them itself (decode_fp8, encode_fp8).
-    fp8_dtypes = {g.dtype for g in quant.FORMATS.values() if g.mantissa_bits is not None}
+    fp8_dtypes = {g.dtype for g in quant.FORMATS.values() if g.dtype.is_floating_point}  # (FP4 codes are uint8)
     as_bytes = lambda t: t.view(torch.uint8) if t.dtype in fp8_dtypes else t
     # The scalars as eco.adamw_update writes them, here in float64; the kernel gets each rounded once to float32.
     _eco_adamw_kernel[(n_rows,)](

@@ -116,7 +116,7 @@ class GPT(nn.Module):
         return quant.quantize_linears_(self, fmt, include=lambda name, m: name.startswith("blocks.") and "router" not in name)
 
     def num_params(self, non_embedding=True):
-        n = sum(p.numel() for p in self.parameters())
+        n = sum(math.prod(getattr(p, "logical_shape", p.shape)) for p in self.parameters())  # packed 4-bit: 2 a byte
         return n - (self.embed.weight.numel() + self.head.weight.numel() if non_embedding else 0)
 
     def forward(self, idx, targets=None):

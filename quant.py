@@ -2,7 +2,7 @@
 Quantizers: how a weight is stored in a few bits, and how it is rounded there.
 
 A quantized tensor is a pair (codes, scale). The codes are low-bit numbers on a fixed grid; the
-scale is one float32 per row (or per tensor) that stretches the grid to the data:
+scale is one float32 per row (or per tensor) that stretches the grid to the data (block formats: below):
 
     scale = max|x| / rho            (symmetric "absmax" scaling, rho = the format's largest value)
     codes = round(x / scale)        (onto the format's grid, clamped to [-rho, rho])
@@ -16,10 +16,38 @@ The formats (FORMATS below):
               wider range (subnormals spaced 2^-16). Stored as torch.float8_e5m2 (eco.MOMENT_FP8 can
               store moments in it; E4M3 measured better).
     int8      integers in [-127, 127], one scale per row. Stored as torch.int8.
-    int4      integers in [-7, 7], one scale per tensor (the paper's fine-tuning setting). Stored one
-              value per byte in torch.int8 (a real kernel would pack two per byte).
+    int4      integers in [-7, 7], one scale per tensor (the paper's fine-tuning setting). Packed two per byte.
+    nvfp4     FP4 E2M1 (2 exponent bits, 1 mantissa bit, rho = 6: the grid 0, 0.5, 1, 1.5, 2, 3, 4, 6 and
+              negatives; grid_step and round_to_grid treat it as FP8 with mantissa_bits=1, min_exponent=0) in
+              blocks of 16 consecutive values of a row, one E4M3 scale per block (torch.float8_e4m3fn, 1 byte)
+              times one float32 scale per tensor (NVIDIA's NVFP4). Packed two per byte.
+    mxfp4     OCP Microscaling MXFP4: the same E2M1 values in blocks of 32, one E8M0 scale per block (a power
+              of two 2^e, e in [-126, 127], stored as the byte e + 127), no tensor scale. Packed two per byte.
 "Row" is the last dimension: a Linear weight [out, in] gets one scale per output channel, an expert
 bank [E, out, in] one per expert row, activations [B, T, C] one per token.
+Bytes per parameter, codes + scales: fp8/int8 1 + 4 / row length; int4 0.5 + 4 / numel; nvfp4
+0.5 + 1/16 + 4 / numel; mxfp4 0.5 + 1/32 (rows that are multiples of the block; a partial block costs a scale).
+
+Block scales (nvfp4, mxfp4). The scale of a (codes, scale) pair is a BlockScales(block, tensor): block scales
+[..., ceil(n / block)] in the format's scale_dtype (the last block of a row may be partial: it is scaled as if
+zero-padded) and, for nvfp4, a 0-dim float32 tensor scale. Each block's float32 scale s, and s's choice:
+    nvfp4   tensor = max(max|x| / (6 * 448), float32 tiny)   (the largest block gets E4M3's largest scale)
+            block  = amax(block) / (6 * tensor) rounded UP onto the E4M3 grid, clamped to [2^-9, 448]
+            s      = block * tensor (float32)
+    mxfp4   s = 2^ceil(log2(amax(block) / 6)), the smallest power of two with amax <= 6 s (computed exactly)
+Both round the scale up, so no value of a block exceeds 6 s and none is clipped (nvfp4: up to the float32
+rounding of s), and stochastic rounding stays unbiased everywhere: a clipped value always rounds down. The
+common recipes do not: NVIDIA's rounds the E4M3 scale to nearest, which clips a block's largest values by up to
+about 6% (half an E4M3 step), and the OCP spec's floor rule, s = 2^(floor(log2 amax) - 2), clips values in
+[6, 8) x 2^k to 6 x 2^k. An all-zero block gets the smallest scale and zero codes.
+
+Packing (int4, nvfp4, mxfp4) is storage only: the math works on float32 values on the grid; pack() is the last
+step of quantize and unpack() the first of dequantize. Byte i holds element 2i in its low nibble and element
+2i+1 in its high nibble (the layout of torch.float4_e2m1fn_x2 and NVIDIA's FP4), so codes are torch.uint8
+[..., n / 2] and the last dimension must be even. An int4 nibble is a two's-complement integer (quantize writes
+-7..7; the nibble 0x8 reads as -8); an E2M1 nibble is a sign bit (bit 3) and the index 0..7 of the magnitude in
+0, 0.5, 1, 1.5, 2, 3, 4, 6, so -0.0 is kept. A QuantizedWeight's packed parameter carries its unpacked shape as
+.logical_shape (every QuantizedWeight parameter has one): gradients, master copies and moments have that shape.
 
 Rounding. Let lo < hi be the two grid points around y = x / scale.
     nearest     pick the closer one (ties to even, like the hardware cast). Smallest error, but
@@ -53,6 +81,7 @@ Test: python -m pytest -q test_eco.py tests/test_quant.py -k "quant or qlinear o
 """
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -62,20 +91,40 @@ import torch.nn.functional as F
 @dataclass(frozen=True)
 class Format:
     name: str
-    dtype: torch.dtype  # how the codes are stored
+    dtype: torch.dtype  # how the codes are stored (packed formats: two 4-bit codes per torch.uint8 byte)
     max: float  # rho: the largest code
-    per_row: bool  # one scale per row (last dim) if True, else one per tensor
+    per_row: bool  # one scale per row (last dim) if True, else one per tensor (or, if `block` is set, per block)
     mantissa_bits: int | None = None  # float formats only
     min_exponent: int | None = None  # float formats: exponent of the smallest normal (below: subnormals)
+    block: int | None = None  # block formats: values per scale along a row (their scale is a BlockScales)
+    scale_dtype: torch.dtype = torch.float32  # how the scales (block formats: the block scales) are stored
+    tensor_scale: bool = False  # block formats: one float32 scale per tensor on top of the block scales
+    packed: bool = False  # two 4-bit codes per byte along the last dimension (pack, unpack)
 
 
 FORMATS = {
     "fp8_e4m3": Format("fp8_e4m3", torch.float8_e4m3fn, 448.0, True, mantissa_bits=3, min_exponent=-6),
     "fp8_e5m2": Format("fp8_e5m2", torch.float8_e5m2, 57344.0, True, mantissa_bits=2, min_exponent=-14),
     "int8": Format("int8", torch.int8, 127.0, True),
-    "int4": Format("int4", torch.int8, 7.0, False),
+    "int4": Format("int4", torch.uint8, 7.0, False, packed=True),
+    "nvfp4": Format("nvfp4", torch.uint8, 6.0, False, mantissa_bits=1, min_exponent=0, block=16,
+                    scale_dtype=torch.float8_e4m3fn, tensor_scale=True, packed=True),
+    "mxfp4": Format("mxfp4", torch.uint8, 6.0, False, mantissa_bits=1, min_exponent=0, block=32,
+                    scale_dtype=torch.uint8, packed=True),
 }
 ROUNDINGS = ("nearest", "stochastic")
+E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # an E2M1 nibble's bits 0-2 index this
+
+
+class BlockScales(NamedTuple):
+    """The scale of a block format's (codes, scale) pair: block scales [..., n_blocks] in the format's scale_dtype
+    (nvfp4: E4M3 values; mxfp4: E8M0 biased exponents) and, for nvfp4, a 0-dim float32 tensor scale (else None)."""
+    block: torch.Tensor
+    tensor: torch.Tensor | None = None
+
+    @property
+    def nbytes(self):
+        return self.block.nbytes + (0 if self.tensor is None else self.tensor.nbytes)
 
 
 class NonFiniteError(ValueError):
@@ -91,6 +140,14 @@ def get_format(fmt):
 def check_rounding(rounding):
     if rounding not in ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r}; accepted: {list(ROUNDINGS)}")
+
+
+def check_shape(shape, f):
+    """Packed formats store two values per byte along the last dimension: it must exist and be even."""
+    if f.packed and (len(shape) == 0 or shape[-1] % 2):
+        raise ValueError(f"shape {tuple(shape)} cannot be stored as {f.name}, which packs two 4-bit codes per byte "
+                         f"along the last dimension; accepted: an even last dimension, or an unpacked format "
+                         f"{[n for n, g in FORMATS.items() if not g.packed]}")
 
 
 def check_finite(x, what):
@@ -125,6 +182,51 @@ def round_to_grid(y, f, rounding, generator=None):
 
 
 # -----------------------------------------------------------------------------
+# Two 4-bit codes per byte (int4, nvfp4, mxfp4): storage only, the math above works on float values
+
+@functools.cache
+def _e2m1_values(device):
+    """The value of each E2M1 nibble 0..15: the magnitudes, then the same with the sign bit (0x8 is -0.0)."""
+    magnitudes = torch.tensor(E2M1_MAGNITUDES, device=device)
+    return torch.cat([magnitudes, -magnitudes])
+
+
+def _packed_format(fmt):
+    f = get_format(fmt)
+    if not f.packed:
+        raise ValueError(f"fmt={fmt!r} is not packed; accepted: {[n for n, g in FORMATS.items() if g.packed]}")
+    return f
+
+
+def pack(values, fmt):
+    """float32 grid values of a packed format, unscaled ([..., n], n even: integers -8..7 for int4, E2M1 values for
+    nvfp4 and mxfp4) -> torch.uint8 codes [..., n / 2], element 2i in the low nibble of byte i, 2i+1 in the high
+    one. Exact for values on the grid; others are not checked (quantize packs round_to_grid's output only)."""
+    f = _packed_format(fmt)
+    check_shape(values.shape, f)
+    if f.mantissa_bits is None:  # int4: the low 4 bits of the two's-complement byte
+        nibbles = values.to(torch.int8).view(torch.uint8) & 0xF
+    else:  # E2M1: the index of |value| among the 8 magnitudes, and the sign bit (signbit: -0.0 keeps it)
+        index = torch.searchsorted(_e2m1_values(values.device)[:8], values.abs())
+        nibbles = (index | (torch.signbit(values).long() << 3)).to(torch.uint8)
+    nibbles = nibbles.reshape(*values.shape[:-1], -1, 2)
+    return nibbles[..., 0] | (nibbles[..., 1] << 4)
+
+
+def unpack(codes, fmt):
+    """pack backwards: torch.uint8 codes [..., n / 2] -> float32 grid values [..., n]. Every byte reads as two
+    values, so pack(unpack(codes)) == codes for any bytes (int4's nibble 0x8, which quantize never writes, is -8)."""
+    f = _packed_format(fmt)
+    if codes.dtype != torch.uint8 or codes.dim() == 0:
+        raise TypeError(f"packed {fmt} codes are a torch.uint8 tensor of at least one dimension, got {codes.dtype} "
+                        f"of shape {tuple(codes.shape)}")
+    nibbles = torch.stack([codes & 0xF, codes >> 4], dim=-1).reshape(*codes.shape[:-1], -1)
+    if f.mantissa_bits is None:  # int4: move the nibble to the top and shift back, extending the sign
+        return ((nibbles << 4).view(torch.int8) >> 4).float()
+    return _e2m1_values(codes.device)[nibbles.long()]
+
+
+# -----------------------------------------------------------------------------
 # Public quantizer functions
 
 def compute_scale(x, f):
@@ -133,23 +235,67 @@ def compute_scale(x, f):
     return (amax / f.max).clamp_min(torch.finfo(torch.float32).tiny)
 
 
+def compute_block_scales(x, f):
+    """The BlockScales of float32 x [..., n] in block format f (the module docstring): each block's scale rounded
+    up, so that amax(block) <= 6 s and no value is clipped; the last block of a row zero-padded."""
+    amax = _blocks(x.abs(), f.block).amax(dim=-1)  # [..., n_blocks]
+    if f.tensor_scale:  # nvfp4: E4M3 block scales under a float32 tensor scale
+        e4m3 = FORMATS["fp8_e4m3"]
+        tensor = (amax.amax() / (f.max * e4m3.max)).clamp_min(torch.finfo(torch.float32).tiny)  # max|x|
+        y = amax / (f.max * tensor)
+        step = grid_step(y, e4m3)
+        block = (torch.ceil(y / step) * step).clamp(2.0 ** (e4m3.min_exponent - e4m3.mantissa_bits), e4m3.max)
+        return BlockScales(block.to(e4m3.dtype), tensor)  # exact: a value of the E4M3 grid
+    # mxfp4: with amax = m 2^e (frexp, m in [0.5, 1)), 6 x 2^(e-3) = 0.75 x 2^e >= amax exactly when m <= 0.75,
+    # and 6 x 2^(e-4) < 0.5 x 2^e <= amax: the smallest power of two is 2^(e-3) if m <= 0.75, else 2^(e-2)
+    mantissa, exponent = torch.frexp(amax)
+    exponent = exponent - 3 + (mantissa > 0.75).int()
+    exponent = torch.where(amax > 0, exponent, -126).clamp(-126, 127)  # an all-zero block: the smallest scale
+    return BlockScales((exponent + 127).to(torch.uint8))
+
+
+def block_scale_values(scales, fmt):
+    """The float32 scale s of every block [..., n_blocks] of a block format's BlockScales: block * tensor (nvfp4),
+    2^(byte - 127) (mxfp4)."""
+    f = get_format(fmt)
+    if f.tensor_scale:
+        return scales.block.float() * scales.tensor
+    return (scales.block.to(torch.int32) << 23).view(torch.float32)  # E8M0's biased exponent is float32's
+
+
+def _per_value(block_scales, block, n):
+    """Block scales [..., n_blocks] -> one per value [..., n]: each repeated over its block."""
+    return block_scales.repeat_interleave(block, dim=-1)[..., :n]
+
+
 def quantize(x, fmt, rounding="nearest", generator=None, check=True):
-    """x (any float dtype) -> (codes in the format's storage dtype, float32 scale broadcastable to codes).
-    check=False skips the NaN/Inf test, which costs a device-to-host sync on a GPU: only for activations,
-    where a NaN reaches the loss (and train.py stops) before it could reach a stored weight."""
+    """x (any float dtype) -> (codes in the format's storage dtype, float32 scale broadcastable to codes), or for
+    a block format (packed codes, BlockScales). check=False skips the NaN/Inf test, which costs a device-to-host
+    sync on a GPU: only for activations, where a NaN reaches the loss (and train.py stops) before it could reach
+    a stored weight."""
     f = get_format(fmt)
     check_rounding(rounding)
+    check_shape(x.shape, f)
     x = x.float()  # first: a float64 1e39 is finite, its float32 value is not
     if check:
         check_finite(x, "quantize input")
-    scale = compute_scale(x, f)
-    codes = round_to_grid(x / scale, f, rounding, generator).to(f.dtype)  # the grid value is exact in f.dtype
+    if f.block:
+        scale = compute_block_scales(x, f)
+        y = x / _per_value(block_scale_values(scale, fmt), f.block, x.shape[-1])
+    else:
+        scale = compute_scale(x, f)
+        y = x / scale
+    values = round_to_grid(y, f, rounding, generator)
+    codes = pack(values, fmt) if f.packed else values.to(f.dtype)  # the grid value is exact in f.dtype
     return codes, scale
 
 
 def dequantize(codes, scale, fmt):
-    get_format(fmt)
-    return codes.float() * scale
+    f = get_format(fmt)
+    values = unpack(codes, fmt) if f.packed else codes.float()
+    if f.block:
+        return values * _per_value(block_scale_values(scale, fmt), f.block, values.shape[-1])
+    return values * scale
 
 
 def quantize_dequantize(x, fmt, rounding="nearest", generator=None):
@@ -159,10 +305,19 @@ def quantize_dequantize(x, fmt, rounding="nearest", generator=None):
 
 def store_(codes, scale, x, fmt, rounding="nearest", generator=None):
     """Quantize x into an existing (codes, scale) pair, in place; return the float32 grid value q(x).
-    This is how an optimizer writes a new weight: the codes tensor is the model's parameter."""
+    This is how an optimizer writes a new weight: the codes tensor is the model's parameter. A block format's
+    scale is a BlockScales: its block scales and tensor scale are written in place."""
+    if isinstance(scale, BlockScales) != bool(get_format(fmt).block):
+        raise TypeError(f"fmt={fmt!r} takes {'a BlockScales' if get_format(fmt).block else 'a tensor'} as its scale, "
+                        f"got {type(scale).__name__}")
     new_codes, new_scale = quantize(x, fmt, rounding, generator)
     codes.copy_(new_codes)
-    scale.copy_(new_scale)
+    if isinstance(scale, BlockScales):
+        scale.block.copy_(new_scale.block)
+        if scale.tensor is not None:
+            scale.tensor.copy_(new_scale.tensor)
+    else:
+        scale.copy_(new_scale)
     return dequantize(new_codes, new_scale, fmt)
 
 
@@ -291,33 +446,40 @@ class ScaledMatmul(torch.autograd.Function):
 # Modules that really store codes + scale
 
 class QuantizedWeight(nn.Module):
-    """A weight of any shape stored as codes (`weight`, 1 byte per value) and float32 scales (`scale`).
+    """A weight of any shape stored as codes (`weight`, 1 byte per value, or two per byte for the packed formats)
+    and scales (`scale`: float32 per row or per tensor, or a block format's block scales, with its float32
+    `tensor_scale` for nvfp4; None otherwise).
 
     There is no high-precision copy between steps. Calling the module multiplies: self(x) is x @ W^T, and
     self(x, e) uses expert e of a bank [E, out, in], on the path `matmul` picks. float_weight() is the
     simulated path's dequantized float32 weight for one forward pass. Either way the gradient is added (in
     float32) to `weight.main_grad`, which accumulates across micro-batches like `.grad` and is what eco.py's
-    optimizers read. The codes parameter also carries `.fmt` and `.scale`, so the optimizer can re-quantize
-    it in place.
+    optimizers read. The codes parameter also carries `.fmt`, `.scale` (a BlockScales for block formats) and
+    `.logical_shape` (the unpacked shape of the weight), so the optimizer can re-quantize it in place.
     """
 
     matmul = "auto"  # which FP8 matmul: "auto", "scaled_mm" or "simulated" (the file's docstring); see set_matmul_
 
     def __init__(self, shape, fmt="fp8_e4m3"):
-        super().__init__()
         f = get_format(fmt)
-        self.fmt = fmt
-        self.weight = nn.Parameter(torch.zeros(shape, dtype=f.dtype), requires_grad=False)
-        scale_shape = (*shape[:-1], 1) if f.per_row else (1,) * len(shape)
-        self.register_buffer("scale", torch.ones(scale_shape))
+        check_shape(shape, f)
+        super().__init__()
+        self.fmt, self.logical_shape = fmt, torch.Size(shape)
+        codes_shape = (*shape[:-1], shape[-1] // 2) if f.packed else shape
+        self.weight = nn.Parameter(torch.zeros(codes_shape, dtype=f.dtype), requires_grad=False)
+        if f.block:  # the codes are zero: any scale gives the zero weight
+            self.register_buffer("scale", torch.ones((*shape[:-1], -(-shape[-1] // f.block))).to(f.scale_dtype))
+        else:
+            self.register_buffer("scale", torch.ones((*shape[:-1], 1) if f.per_row else (1,) * len(shape)))
+        self.register_buffer("tensor_scale", torch.ones(()) if f.tensor_scale else None)  # 0-dim: fits an expert too
         self._link()
 
     def _link(self):
-        # The optimizer sees only the codes parameter: hang the format and scale on it.
+        # The optimizer sees only the codes parameter: hang the format, the scales and the unpacked shape on it.
         # .to()/.cuda() replace buffers and deepcopy/pickle rebuild parameters without their attributes,
         # so _apply and __setstate__ below re-attach them.
-        self.weight.fmt = self.fmt
-        self.weight.scale = self.scale
+        self.weight.fmt, self.weight.logical_shape = self.fmt, self.logical_shape
+        self.weight.scale = BlockScales(self.scale, self.tensor_scale) if get_format(self.fmt).block else self.scale
         if not hasattr(self.weight, "main_grad"):
             self.weight.main_grad = None
 
@@ -339,22 +501,26 @@ class QuantizedWeight(nn.Module):
     @torch.no_grad()
     def set_float_(self, w):
         """Store a float weight (round-to-nearest), e.g. when converting a trained model."""
-        codes, scale = quantize(w, self.fmt, "nearest")
-        self.weight.copy_(codes)
-        self.scale.copy_(scale)
+        store_(self.weight, self.weight.scale, w, self.fmt, "nearest")
         return self
 
     def dequantized_weight(self):
-        return dequantize(self.weight, self.scale, self.fmt)
+        return dequantize(*self.codes_and_scale(), self.fmt)
 
     def codes_and_scale(self, expert=None):
-        """The stored codes and scales: the whole weight's, or those of expert `expert` of a bank [E, out, in]."""
-        return (self.weight, self.scale) if expert is None else (self.weight[expert], self.scale[expert])
+        """The stored codes and scales: the whole weight's, or those of expert `expert` of a bank [E, out, in]
+        (a scale per tensor, int4's or nvfp4's tensor scale, is the whole bank's)."""
+        scale = self.weight.scale
+        if expert is None:
+            return self.weight, scale
+        if isinstance(scale, BlockScales):
+            return self.weight[expert], BlockScales(scale.block[expert], scale.tensor)
+        return self.weight[expert], scale[expert] if get_format(self.fmt).per_row else scale[0]  # int4: [1, 1]
 
     def _accumulate_main_grad(self, grad, expert=None):
         if expert is not None:  # one expert of a bank: the others keep theirs (an idle expert's stays exactly 0)
             if self.weight.main_grad is None:
-                self.weight.main_grad = torch.zeros(self.weight.shape, dtype=torch.float32, device=grad.device)
+                self.weight.main_grad = torch.zeros(self.logical_shape, dtype=torch.float32, device=grad.device)
             self.weight.main_grad[expert].add_(grad)
         elif self.weight.main_grad is None:
             self.weight.main_grad = grad.float().clone()
@@ -389,7 +555,7 @@ class QuantizedWeight(nn.Module):
         return ScaledMatmul.apply(x, *self.codes_and_scale(expert), accumulate, grad_trigger)
 
     def extra_repr(self):
-        return f"shape={tuple(self.weight.shape)}, fmt={self.fmt}"
+        return f"shape={tuple(self.logical_shape)}, fmt={self.fmt}"
 
 
 class FloatWeight(nn.Module):
@@ -425,7 +591,7 @@ def quantize_linears_(model, fmt, include=None):
     transformer-block Linears). A module attached under several names is swapped at every name for one
     shared new module, and weights tied between swapped modules stay tied (one set of codes and scales).
     Everything is checked before the first swap. Returns the number of distinct weights quantized."""
-    get_format(fmt)
+    f = get_format(fmt)
     targets = {}  # id(module) -> (module, every name it is attached under)
     for name, m in model.named_modules(remove_duplicate=False):
         if isinstance(m, (nn.Linear, FloatWeight)) and (include is None or include(name, m)):
@@ -436,6 +602,10 @@ def quantize_linears_(model, fmt, include=None):
         if isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward:
             raise TypeError(f"{names[0]}: {type(m).__name__} overrides nn.Linear.forward; QLinear would drop that "
                             "behaviour (exclude it with include=)")
+        try:
+            check_shape(m.weight.shape, f)
+        except ValueError as err:
+            raise ValueError(f"{names[0]}.weight: {err}") from None
     owners = {}  # id(weight) -> names of every module holding it, swapped or not
     for name, m in model.named_modules(remove_duplicate=False):
         for p in m.parameters(recurse=False):
@@ -456,9 +626,9 @@ def quantize_linears_(model, fmt, include=None):
         if tied is None:
             new.set_float_(m.weight.detach())
             swapped[id(m.weight)] = new
-        else:  # share the codes parameter and the scale buffer with the first module that held this weight
+        else:  # share the codes parameter and the scale buffers with the first module that held this weight
             new.weight = tied.weight
-            new.scale = tied.scale
+            new.scale, new.tensor_scale = tied.scale, tied.tensor_scale
             new._link()
         for name in names:
             parent_name, _, child = name.rpartition(".")

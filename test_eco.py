@@ -120,7 +120,7 @@ def test_eco_injection_has_the_papers_sign_and_coefficient():
 
     The paper's rule (Sec. 3): m_after = m_adam + (1 - lr wd)(bc1/lr)(1 - 1/beta1)(sqrt(v/bc2) + eps) e,
     with e = theta - q(theta)."""
-    w, grads = adamw_args(2)
+    w, grads = adamw_args(2, shape=(7, 34))  # int4 packs two codes per byte: an even row
     lr, b1, b2, eps, wd, t = 1e-3, 0.9, 0.98, 1e-8, 0.1, 3
     g = torch.Generator().manual_seed(3)
     m, v = torch.randn(w.shape, generator=g), torch.rand(w.shape, generator=g)
@@ -192,7 +192,7 @@ def test_master_mode_is_torch_adamw_on_a_float32_copy_and_stores_its_rtn_value(f
     Two groups with their own lr, betas, eps and weight decay, each holding a quantized and a float parameter.
     After every step, state["master"] is bit for bit the weight torch.optim.AdamW reaches from the same start on
     the same gradients, and the stored codes and scale are exactly that weight's round-to-nearest quantization."""
-    qa, qb = quantized_weight((6, 20), fmt, seed=0), quantized_weight((5, 9), fmt, seed=1)
+    qa, qb = quantized_weight((6, 20), fmt, seed=0), quantized_weight((5, 10), fmt, seed=1)
     g = torch.Generator().manual_seed(2)
     ours = [qa.weight, nn.Parameter(torch.randn(7, generator=g)), qb.weight, nn.Parameter(torch.randn(3, 4, generator=g))]
     refs = [nn.Parameter((stored(p) if eco.is_quantized(p) else p).detach().clone()) for p in ours]
@@ -204,7 +204,7 @@ def test_master_mode_is_torch_adamw_on_a_float32_copy_and_stores_its_rtn_value(f
     start = [codes(qa.weight), codes(qb.weight)]
     for _ in range(30):
         for p, r in zip(ours, refs):
-            r.grad = torch.randn(p.shape, generator=g)
+            r.grad = torch.randn(r.shape, generator=g)  # the weight's shape (int4 codes: half as wide)
             set_grad(p, r.grad)
         opt.step()
         ref.step()

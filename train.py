@@ -8,6 +8,7 @@ removal of the master copy, ECO) on Shakespeare, and report validation loss, mem
     python train.py --preset=gpu --out_dir=out-gpu         # ~30M non-embedding parameters and bf16, for one GPU
     python train.py --model=moe --out_dir=out-moe          # the sparse mixture-of-experts variant
     python train.py --moments=fp8 --out_dir=out-fp8        # AdamW's moments in FP8 (eco.py)
+    python train.py --fmt=nvfp4 --optimizer=muon --moments=fp8 --out_dir=out-muon  # FP4 weights, Muon, FP8 momentum
     python train.py --methods=fp32 --save_checkpoint=True --out_dir=out-pre     # pre-train in FP32, then
     python train.py --fmt=int4 --init_from=out-pre/ckpt_fp32.pt --lr=3e-4 --out_dir=out-int4  # INT4 fine-tuning
     torchrun --standalone --nproc_per_node=8 train.py --preset=gpu               # data parallel, one process per GPU
@@ -38,7 +39,7 @@ import prepare  # data/prepare.py
 out_dir = "out"
 data_dir = prepare.DEFAULT_DIR  # data/shakespeare beside this file; any other: data/prepare.py --input --out_dir
 methods = "fp32,master_rtn,naive_rtn,naive_sr,eco_rtn,eco_sr"  # which to train, in this order
-fmt = "fp8_e4m3"  # weight format of the quantized methods: fp8_e4m3, int8 or int4
+fmt = "fp8_e4m3"  # weight format of the quantized methods: fp8_e4m3, int8, int4, nvfp4 or mxfp4
 preset = ""  # "gpu": a model about the size of the paper's smallest (~30M non-embedding parameters)
 init_from = ""  # a checkpoint of a full-precision run to fine-tune from (the paper's INT4 setting)
 # model: the defaults of model.py's GPTConfig, set there only (2 layers, 2 heads, width 64, 64 tokens of context)
@@ -64,7 +65,10 @@ weight_decay = 0.1
 grad_clip = 1.0  # clip the global gradient norm to this (0: no clipping)
 dtype = "float32"  # the float parts of the quantized methods: float32, or bfloat16 under autocast (the GPU's)
 fp8_matmul = "auto"  # FP8 matmuls: scaled_mm (torch._scaled_mm from the codes), simulated, or auto (quant.py)
-moments = "fp32"  # how the AdamW moments are stored: fp32 (the paper), bf16 or fp8 (eco.py)
+optimizer = "adamw"  # "adamw", or "muon": Muon for the block matrices, AdamW for the rest (eco.ECOMuon)
+muon_lr = 0.02  # Muon's peak learning rate (same warm-up and decay; chosen by a sweep of master weights, RESULTS.md)
+muon_momentum = 0.95
+moments = "fp32"  # how the optimizer's moments are stored: fp32 (the paper), bf16 or fp8 (eco.py)
 injection = "paper"  # ECO's coefficient: "paper" (constant lr) or "next_lr" (follows the schedule; eco.py)
 # evaluation, logging, checkpoints
 eval_interval = 500
@@ -122,7 +126,7 @@ def check_ranges(c):
         raise ValueError(f"--methods={c['methods']}: unknown {bad}; accepted: {','.join(ALL_METHODS)}")
     need(len(set(names)) == len(names), "methods", "each method at most once")
     for key, accepted in (("fmt", quant.FORMATS), ("model", ("dense", "moe")), ("dtype", ("float32", "bfloat16")),
-                          ("fp8_matmul", quant.MATMUL_PATHS)):  # model: the name GPTConfig calls mlp
+                          ("fp8_matmul", quant.MATMUL_PATHS), ("optimizer", ("adamw", "muon"))):  # model: GPTConfig's mlp
         need(c[key] in accepted, key, ", ".join(accepted))
     for key in ("n_layer", "n_head", "n_embd", "block_size", "n_experts", "batch_size", "max_steps",
                 "eval_interval", "eval_batches", "log_interval", "micro_batches", "seeds"):
@@ -148,13 +152,21 @@ def method_name(short, c):
 
 
 def make_optimizer(model, c, mode, rounding):
-    """AdamW with the run's hyper-parameters for every method: only (mode, rounding) differs between them."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices, expert banks, embeddings
+    """AdamW (or Muon for the block matrices) with the run's hyper-parameters for every method: only (mode, rounding)
+    differs between them. Each group's peak_lr is what the schedule scales."""
+    muon = c["optimizer"] == "muon"
+    matrices = [p for n, p in model.named_parameters() if muon and n.startswith("blocks.") and p.dim() >= 2]
+    decay = [p for p in model.parameters() if p.dim() >= 2 and not any(p is q for q in matrices)]  # embeddings ...
     no_decay = [p for p in model.parameters() if p.dim() < 2]  # norm gains
-    assert len(decay) + len(no_decay) == len(list(model.parameters())) == len({id(p) for p in decay + no_decay})
-    return eco.ECOAdamW([dict(params=decay, weight_decay=c["weight_decay"]), dict(params=no_decay, weight_decay=0.0)],
-                        lr=c["lr"], betas=(c["beta1"], c["beta2"]), eps=c["eps"], mode=mode, rounding=rounding,
-                        seed=stream_seed(c, ROUNDING), moments=c["moments"], injection=c["injection"])
+    groups = [dict(params=decay, weight_decay=c["weight_decay"]), dict(params=no_decay, weight_decay=0.0)]
+    groups = [dict(g, use_muon=False, peak_lr=c["lr"]) if muon else dict(g, peak_lr=c["lr"]) for g in groups]
+    hyper = dict(lr=c["lr"], betas=(c["beta1"], c["beta2"]), eps=c["eps"], mode=mode, rounding=rounding,
+                 seed=stream_seed(c, ROUNDING), moments=c["moments"], injection=c["injection"])
+    if not muon:
+        return eco.ECOAdamW(groups, **hyper)
+    muon_group = dict(params=matrices, use_muon=True, lr=c["muon_lr"], peak_lr=c["muon_lr"],
+                      weight_decay=c["weight_decay"])
+    return eco.ECOMuon([muon_group] + groups, momentum=c["muon_momentum"], **hyper)
 
 
 # -----------------------------------------------------------------------------
@@ -183,14 +195,15 @@ def data_and_initial_weights(c, dev):
     return cfg, train_data, val_data, init_state or init_model.state_dict()
 
 
-def get_lr(step, c):
-    """Linear warmup from warmup_start x peak, then cosine down to final_lr_frac x peak. step is 0-based;
-    get_lr(max_steps) = final_lr_frac x peak is the rate after the last step (what next_lr needs there)."""
+def get_lr(step, c, peak=None):
+    """Linear warmup from warmup_start x peak, then cosine down to final_lr_frac x peak (peak: --lr unless given). step
+    is 0-based; get_lr(max_steps) = final_lr_frac x peak is the rate after the last step (what next_lr needs there)."""
+    peak = c["lr"] if peak is None else peak
     warmup = max(1, int(c["warmup_frac"] * c["max_steps"]))
     if step < warmup:
-        return c["lr"] * (c["warmup_start"] + (1 - c["warmup_start"]) * step / warmup)
+        return peak * (c["warmup_start"] + (1 - c["warmup_start"]) * step / warmup)
     progress = (step - warmup) / max(1, c["max_steps"] - warmup)
-    return c["lr"] * (c["final_lr_frac"] + (1 - c["final_lr_frac"]) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (c["final_lr_frac"] + (1 - c["final_lr_frac"]) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 TRAIN, VAL, INIT, ROUNDING, SAMPLE = range(5)  # the random streams of a seed
@@ -222,7 +235,7 @@ def memory_bytes(model, opt):
     nbytes, count = {True: 0, False: 0}, {True: 0, False: 0}  # by quantized or not
     for p in model.parameters():
         q = eco.is_quantized(p)
-        count[q] += p.numel()
+        count[q] += math.prod(eco.shape_of(p))  # values: a packed 4-bit weight holds two per byte
         nbytes[q] += p.nbytes + (p.scale.nbytes if q else 0) + sum(t.nbytes for t in opt.state.get(p, {}).values()
                                                                    if torch.is_tensor(t))
     return dict(bytes_per_param=sum(nbytes.values()) / sum(count.values()), quantized_params=count[True],
@@ -290,7 +303,7 @@ def train_method(short, c, cfg, init_state, train_data, val_data, dev):
     # The fraction of quantized weights whose stored code changes in a step. Without a master copy,
     # updates below half a grid step are lost: naive training stalls when it drops towards zero.
     qparams = [p for p in model.parameters() if eco.is_quantized(p)]
-    n_quantized = sum(p.numel() for p in qparams)
+    n_quantized = sum(math.prod(eco.shape_of(p)) for p in qparams)  # values, not bytes
     moved, moved_steps = torch.zeros((), device=dev), 0
     print(f"\n{name}: mode={mode or 'plain AdamW, no quantization'} rounding={rounding or '-'} {dtype}"
           + (f" | FP8 matmuls: {matmul} | fused ECO kernel: {opt.fused}" if qparams else ""))
@@ -306,7 +319,7 @@ def train_method(short, c, cfg, init_state, train_data, val_data, dev):
     for step in range(start, end):
         t0 = time.perf_counter()
         for group in opt.param_groups:  # next_lr: the rate of the step after this one (injection="next_lr")
-            group["lr"], group["next_lr"] = get_lr(step, c), get_lr(step + 1, c)
+            group["lr"], group["next_lr"] = get_lr(step, c, group["peak_lr"]), get_lr(step + 1, c, group["peak_lr"])
         try:
             loss_value = 0.0  # the mean loss of this step's micro-batches
             for k in range(c["grad_accum"]):
@@ -324,8 +337,11 @@ def train_method(short, c, cfg, init_state, train_data, val_data, dev):
             codes_before = [p.detach().clone() for p in qparams]
             opt.step()
             eco.zero_grad_(model.parameters())
-            for before, p in zip(codes_before, qparams):  # compare bytes: FP8 has no != on every device
-                moved += (before.view(torch.uint8) != p.detach().view(torch.uint8)).sum() / n_quantized
+            for before, p in zip(codes_before, qparams):  # compare bits: FP8 has no != on every device
+                changed = before.view(torch.uint8) ^ p.detach().view(torch.uint8)
+                if quant.FORMATS[p.fmt].packed:  # two 4-bit codes per byte: each counts
+                    changed = torch.stack([changed & 0xF, changed >> 4])
+                moved += (changed != 0).sum() / n_quantized
             moved_steps += 1
         except quant.NonFiniteError as err:  # a NaN/Inf loss, gradient norm or gradient
             print(f"{name}: diverged at step {step} ({err})")

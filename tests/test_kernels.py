@@ -42,7 +42,7 @@ triton = pytest.importorskip("triton")  # every test here needs triton (Linux)
 tl = triton.language
 import kernels  # noqa: E402
 
-FP8 = [name for name, f in quant.FORMATS.items() if f.mantissa_bits is not None]
+FP8 = [name for name, f in quant.FORMATS.items() if f.dtype.is_floating_point]  # (FP4 E2M1 codes are packed uint8)
 ROW_FORMATS = [name for name, f in quant.FORMATS.items() if f.per_row]  # the weights the kernel steps
 # Every variant ECOAdamW launches: weight format x moments' storage x the weights' rounding (ECO's injection on).
 VARIANTS = [(fmt, moments, rounding) for fmt in ROW_FORMATS for moments in kernels.MOMENTS
@@ -74,13 +74,17 @@ def test_fused_kernel_same_seed_same_result():
 
 
 def test_fused_kernel_rejects_what_it_cannot_do():
-    """int4, an unknown rounding, or fused=True without CUDA fails loudly, naming what is accepted."""
+    """int4, nvfp4, mxfp4, an unknown rounding, or fused=True without CUDA fails loudly, naming what is accepted."""
     kernels = pytest.importorskip("kernels")
     a = kernel_inputs((4, 16), "int8", torch.float32)
     codes4, scale4 = quant.quantize(torch.randn(4, 16, generator=torch.Generator().manual_seed(0)).to(KERNEL_DEVICE),
                                     "int4")
     with pytest.raises(ValueError, match="int4.*row-wise.*fp8_e4m3"):
         kernels.eco_adamw_fused_(codes4, scale4, *a[2:], fmt="int4", **KERNEL_HYPER, rounding="nearest", seed=0)
+    for fmt in ("nvfp4", "mxfp4"):
+        codes, scale = quant.quantize(torch.randn(4, 16).to(KERNEL_DEVICE), fmt)
+        with pytest.raises(ValueError, match=f"{fmt}.*block of.*row-wise.*fp8_e4m3"):
+            kernels.eco_adamw_fused_(codes, scale, *a[2:], fmt=fmt, **KERNEL_HYPER, rounding="nearest", seed=0)
     with pytest.raises(ValueError, match="'up'.*accepted"):
         kernels.eco_adamw_fused_(*a, fmt="int8", **KERNEL_HYPER, rounding="up", seed=0)
     if not torch.cuda.is_available():
@@ -613,7 +617,8 @@ def test_fusable_accepts_the_row_wise_formats_every_storage_and_the_gpus_that_co
     """fusable accepts the row-wise formats with every storage, in the interpreter and on CAPABILITIES, nothing else."""
     for capability in (None, (7, 5), (8, 0), (9, 0), (12, 0)):
         assert all(kernels.fusable(fmt, moments, capability) for fmt in ROW_FORMATS for moments in kernels.MOMENTS)
-    assert not any(kernels.fusable("int4", moments, None) for moments in kernels.MOMENTS)
+    assert not any(kernels.fusable(fmt, moments, c) for fmt in ("int4", "nvfp4", "mxfp4") for moments in kernels.MOMENTS
+                   for c in (None, (9, 0)))
     assert not kernels.fusable("fp8_e4m3", "fp16", (9, 0))
     assert not any(kernels.fusable("fp8_e4m3", "fp32", c) for c in [*REFUSED_GPUS, (3, 7), (13, 0)])
     with pytest.raises(ValueError, match="'fp4'.*accepted"):

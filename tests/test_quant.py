@@ -14,13 +14,17 @@ Tolerance, everywhere the paths are compared: a product a @ b with n terms per e
 two may differ by (n + 1) * 2^-23 * (|a| @ |b|) entrywise: the float32 summation order, and nothing more.
 """
 import copy
+import io
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from reference import FP8_GRID, neighbours
 
 import eco
 import quant
+import train
 from model import GPT, GPTConfig
 from moe import MoE
 
@@ -60,13 +64,19 @@ def test_round_to_grid_clamps_to_the_formats_range(fmt):
 
 
 def test_scales_per_row_per_tensor_and_for_expert_banks():
-    """FP8 and int8 scale per row (an expert bank [E, out, in] per expert's row), int4 per tensor as absmax / 7."""
+    """FP8 and int8 scale per row (an expert bank [E, out, in] per expert's row), int4 per tensor as absmax / 7,
+    nvfp4 and mxfp4 per block of a row (nvfp4 with one tensor scale more)."""
     x = torch.randn(4, 6, 10, generator=torch.Generator().manual_seed(0))  # an expert bank [E, out, in]
     assert quant.quantize(x, "fp8_e4m3")[1].shape == (4, 6, 1)
     assert quant.quantize(x, "int8")[1].shape == (4, 6, 1)
     codes, scale = quant.quantize(x, "int4")
-    assert scale.shape == (1, 1, 1) and codes.abs().max() == 7 and codes.dtype == torch.int8
+    assert codes.shape == (4, 6, 5) and codes.dtype == torch.uint8, "two codes per byte"
+    assert scale.shape == (1, 1, 1) and quant.unpack(codes, "int4").abs().max() == 7
     assert torch.allclose(scale, x.abs().max() / 7)
+    for fmt in ("nvfp4", "mxfp4"):
+        codes, scale = quant.quantize(x, fmt)
+        assert codes.shape == (4, 6, 5) and scale.block.shape == (4, 6, 1)
+        assert (scale.tensor.shape == () and scale.tensor.dtype == torch.float32) if fmt == "nvfp4" else scale.tensor is None
 
 
 def test_all_zero_rows_get_a_finite_scale():
@@ -76,7 +86,8 @@ def test_all_zero_rows_get_a_finite_scale():
     x[1] = torch.randn(8)
     for fmt in quant.FORMATS:
         codes, scale = quant.quantize(x, fmt, "stochastic")
-        assert torch.isfinite(scale).all() and (scale > 0).all()
+        s = quant.block_scale_values(scale, fmt) if quant.FORMATS[fmt].block else scale  # float32, per block or row
+        assert torch.isfinite(s).all() and (s > 0).all()
         assert (codes[0].float() == 0).all() and (quant.dequantize(codes, scale, fmt)[2] == 0).all()
 
 
@@ -181,6 +192,259 @@ def test_quantize_linears_keeps_tied_and_shared_weights_and_checks_everything_fi
     head.weight = emb.weight
     with pytest.raises(ValueError, match="shared with"):
         quant.quantize_linears_(nn.ModuleDict(dict(emb=emb, head=head)), "fp8_e4m3")
+
+
+# -----------------------------------------------------------------------------
+# 4-bit formats: nvfp4 and mxfp4 (E2M1 values, block scales) and int4, all packed two codes per byte
+
+FP4 = ["int4", "nvfp4", "mxfp4"]
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # the magnitudes, by nibble index
+E2M1_GRID = torch.cat([-E2M1.flip(0)[:-1], E2M1])  # the 15 signed values, sorted
+
+
+def e2m1_nearest(v):
+    """Brute force, without quant.py: the nearest of the 15 values, a tie to the one of even magnitude index."""
+    distance = (v[:, None] - E2M1_GRID[None]).abs()
+    nearest = distance == distance.min(dim=1, keepdim=True).values  # one or two candidates
+    even = torch.searchsorted(E2M1, E2M1_GRID.abs()) % 2 == 0
+    return E2M1_GRID[(nearest * (1 + even)).argmax(dim=1)]  # an even candidate wins a tie
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_e2m1_round_to_nearest_through_quantize_equals_a_brute_force_reference(fmt):
+    """RTN onto E2M1 through quantize(), on blocks whose scale is exactly 1, equals the brute-force nearest value
+    (ties to the even magnitude index) on every midpoint, its float32 neighbours and random values; the sign of a
+    zero is kept."""
+    mid = (E2M1_GRID[:-1] + E2M1_GRID[1:]) / 2
+    v = torch.cat([E2M1_GRID, mid, mid.nextafter(torch.tensor(-9.0)), mid.nextafter(torch.tensor(9.0)),
+                   torch.tensor([-0.0, 1e-30, -1e-30]), torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 12 - 6])
+    block = quant.FORMATS[fmt].block
+    v = torch.cat([v, torch.zeros(-len(v) % (block - 1))]).view(-1, block - 1)
+    x = torch.cat([torch.full((len(v), 1), 6.0), v], dim=1)  # each row is one block, of absmax 6: scale 1
+    if fmt == "nvfp4":  # and a first block of absmax 6 x 448 makes the tensor scale exactly 1
+        x = torch.cat([F.pad(torch.tensor([[6.0 * 448]]), (0, block - 1)), x])
+    codes, scale = quant.quantize(x, fmt)
+    assert (quant.block_scale_values(scale, fmt)[-len(v):] == 1).all(), "the construction must give scale 1"
+    got = quant.unpack(codes, fmt)[-len(v):, 1:].flatten()
+    assert torch.equal(got, e2m1_nearest(v.flatten()))
+    assert torch.equal(got.signbit(), v.flatten().signbit()), "-0.0 stays -0.0, +0.0 stays +0.0"
+
+
+def test_e2m1_stochastic_rounding_is_unbiased_and_exact_on_the_grid():
+    """SR onto the E2M1 grid (nvfp4's and mxfp4's) picks one of the two neighbours, is unbiased within 5 sd, and
+    never moves a grid value."""
+    f = quant.FORMATS["nvfp4"]
+    assert (f.mantissa_bits, f.min_exponent, f.max) == (1, 0, 6.0) and quant.FORMATS["mxfp4"].max == 6.0
+    y = torch.cat([E2M1_GRID, torch.linspace(-6, 6, 97), torch.rand(100, generator=torch.Generator().manual_seed(0)) * 12 - 6])
+    n = 4000
+    samples = quant.round_to_grid(y.expand(n, -1).contiguous(), f, "stochastic", torch.Generator().manual_seed(1))
+    lo, hi = neighbours(y, E2M1_GRID)
+    assert ((samples == lo) | (samples == hi)).all(), "SR must pick one of the two neighbours"
+    p = torch.where(hi > lo, (y - lo) / (hi - lo), torch.zeros_like(y))
+    sd = (hi - lo) * torch.sqrt(p * (1 - p) / n)
+    assert ((samples.mean(0) - y).abs() <= 5 * sd + 1e-6).all(), "SR must be unbiased"
+    assert (samples[:, lo == hi] == y[lo == hi]).all() and (lo == hi).sum() >= len(E2M1_GRID), "grid values stay"
+
+
+def test_pack_and_unpack_are_lossless_for_every_nibble_and_byte():
+    """Every nibble unpacks to its value (low nibble first; E2M1 0x8 is -0.0, int4 0x8 is -8), and
+    pack(unpack(b)) == b for all 256 bytes in every packed format; quantize never writes int4's -8."""
+    nibbles = torch.arange(16, dtype=torch.uint8)
+    codes = nibbles | (nibbles.flip(0) << 4)  # byte i: low nibble i, high nibble 15 - i
+    signed_e2m1 = torch.where(nibbles >= 8, -E2M1[nibbles.long() % 8], E2M1[nibbles.long() % 8])  # -0.0 at 8
+    expected = dict(int4=torch.where(nibbles >= 8, nibbles.float() - 16, nibbles.float()),
+                    nvfp4=signed_e2m1, mxfp4=signed_e2m1)
+    every_byte = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(16, 16)
+    for fmt in FP4:
+        values = quant.unpack(codes, fmt)
+        assert values.shape == (32,) and values.dtype == torch.float32
+        assert torch.equal(values[0::2], expected[fmt]) and torch.equal(values[1::2], expected[fmt].flip(0))
+        assert torch.equal(values.signbit(), torch.stack([expected[fmt], expected[fmt].flip(0)], 1).flatten().signbit())
+        assert torch.equal(quant.pack(values, fmt), codes)
+        assert torch.equal(quant.pack(quant.unpack(every_byte, fmt), fmt), every_byte)
+    x = torch.tensor([[-3.0, 1.0, 0.5, -0.1]])  # the absmax at -7 x scale
+    assert quant.unpack(quant.quantize(x, "int4")[0], "int4").tolist() == [[-7.0, 2.0, 1.0, -0.0]]
+
+
+def test_nvfp4_scales_are_the_smallest_e4m3_values_that_clip_nothing():
+    """nvfp4: the tensor scale is max(amax / (6 x 448), tiny); each block's E4M3 scale is the smallest E4M3 value
+    >= amax(block) / (6 x tensor) (within [2^-9, 448]), so |x| <= 6 s up to float32 rounding; an all-zero block
+    gets zero codes and the smallest scale; an all-zero tensor a finite one."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 64, generator=g) * torch.logspace(-4, 3, 8)[:, None]
+    x[2, 16:32] = 0  # an all-zero block
+    codes, scale = quant.quantize(x, "nvfp4")
+    tensor = x.abs().max() / (6 * 448)
+    assert scale.tensor.dtype == torch.float32 and scale.tensor.shape == () and torch.equal(scale.tensor, tensor)
+    y = x.abs().view(8, 4, 16).amax(-1) / (6 * tensor)
+    smallest_above = FP8_GRID[torch.searchsorted(FP8_GRID, y).clamp(max=len(FP8_GRID) - 1)].clamp(min=2.0 ** -9)
+    assert scale.block.dtype == torch.float8_e4m3fn and torch.equal(scale.block.float(), smallest_above)
+    assert (scale.block.float() < 448).any() and (y < 2.0 ** -9).any(), "the test must span the E4M3 range"
+    s = quant.block_scale_values(scale, "nvfp4").repeat_interleave(16, dim=-1)
+    assert (x.abs() <= 6 * s * (1 + 2.0 ** -22)).all(), "no value of a block needs more than 6 s"
+    assert (codes[2, 8:16] == 0).all() and scale.block[2, 1].float() == 2.0 ** -9
+    zeros = quant.quantize(torch.zeros(2, 16), "nvfp4")[1]
+    assert zeros.tensor == torch.finfo(torch.float32).tiny and (quant.block_scale_values(zeros, "nvfp4") > 0).all()
+
+
+def test_mxfp4_scales_are_the_smallest_powers_of_two_that_clip_nothing():
+    """mxfp4: each block's scale is a power of two, the smallest with amax(block) <= 6 x scale (exactly, also at
+    6 x 2^k and one float32 step above it); an all-zero block gets 2^-126 and zero codes."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 64, generator=g) * torch.logspace(-30, 30, 8)[:, None]
+    edges = torch.tensor([6.0, 3.0, 6.0 * 2.0 ** -20, 6.0 * 2.0 ** 40])
+    x[:, 32:] = 0
+    x[:, 32] = torch.cat([edges, edges.nextafter(torch.tensor(1e38))])  # second blocks: 6 x 2^k, one step above
+    x[1, :32] = 0  # an all-zero block
+    codes, scale = quant.quantize(x, "mxfp4")
+    assert scale.tensor is None and scale.block.dtype == torch.uint8 and scale.block.shape == (8, 2)
+    s, amax = quant.block_scale_values(scale, "mxfp4").double(), x.abs().view(8, 2, 32).amax(-1).double()
+    assert torch.equal(s, 2.0 ** (scale.block.double() - 127)) and (torch.frexp(s).mantissa == 0.5).all()
+    assert (amax <= 6 * s).all() and ((amax > 3 * s) | (amax == 0)).all(), "the smallest power of two"
+    assert s[:, 1].tolist() == [1, 0.5, 2.0 ** -20, 2.0 ** 40, 2, 1, 2.0 ** -19, 2.0 ** 41], "6 x 2^k: 2^k; above: 2^(k+1)"
+    assert s[1, 0] == 2.0 ** -126 and (codes[1, :16] == 0).all()
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_a_partial_last_block_is_quantized_as_if_zero_padded(fmt):
+    """A row of 40 values: ceil(40 / block) scales, and codes, scales and values equal those of the zero-padded row."""
+    block = quant.FORMATS[fmt].block
+    x = torch.randn(4, 40, generator=torch.Generator().manual_seed(0))
+    x[:, 32:] *= 100  # the partial block holds the largest values
+    codes, scale = quant.quantize(x, fmt)
+    padded_codes, padded_scale = quant.quantize(F.pad(x, (0, -40 % block)), fmt)
+    assert codes.shape == (4, 20) and scale.block.shape == (4, -(-40 // block))
+    assert torch.equal(codes, padded_codes[:, :20])
+    assert torch.equal(scale.block.view(torch.uint8), padded_scale.block.view(torch.uint8))
+    assert torch.equal(quant.dequantize(codes, scale, fmt), quant.dequantize(padded_codes, padded_scale, fmt)[:, :40])
+
+
+@pytest.mark.parametrize("fmt", FP4)
+def test_4bit_qlinear_packs_two_codes_a_byte_and_multiplies_like_f_linear(fmt):
+    """A 4-bit QLinear [64, 256] holds uint8 codes [64, 128] (bytes per parameter: int4 0.5 + 4/numel, nvfp4
+    0.5 + 1/16 + 4/numel, mxfp4 0.5 + 1/32, as train.memory_bytes counts them); its output and gradients are
+    F.linear's with the dequantized weight, and main_grad has the weight's logical shape."""
+    q = quant.QLinear(256, 64, fmt).set_float_(torch.randn(64, 256, generator=torch.Generator().manual_seed(0)))
+    assert q.weight.dtype == torch.uint8 and q.weight.shape == (64, 128) and q.weight.logical_shape == (64, 256)
+    expected = {"int4": 0.5 + 4 / 16384, "nvfp4": 0.5 + 1 / 16 + 4 / 16384, "mxfp4": 0.5 + 1 / 32}[fmt]
+    memory = train.memory_bytes(nn.Sequential(q), eco.ECOAdamW(q.parameters()))
+    assert memory["quantized_params"] == 16384 and memory["bytes_per_quantized_param"] == expected
+    w = q.dequantized_weight().requires_grad_()
+    x = torch.randn(3, 5, 256, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = q(x), F.linear(x_ref, w)
+    assert torch.equal(y, y_ref)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    assert q.weight.main_grad.shape == (64, 256) and torch.equal(q.weight.main_grad, w.grad)
+    assert torch.equal(x.grad, x_ref.grad)
+
+
+@pytest.mark.parametrize("fmt", FP4)
+def test_4bit_weights_survive_dtype_conversions_copies_and_a_state_dict(fmt):
+    """.to(torch.float64) keeps the codes' and scales' dtypes; deepcopy and torch.save keep .fmt, .scale (linked to
+    the buffers) and .logical_shape; a state_dict loaded into a fresh QLinear gives the same weight."""
+    f = quant.FORMATS[fmt]
+    q = quant.QLinear(32, 8, fmt).set_float_(torch.randn(8, 32, generator=torch.Generator().manual_seed(0)))
+    q.to(torch.float64)
+    assert (q.weight.dtype, q.scale.dtype) == (torch.uint8, f.scale_dtype)
+    assert (q.tensor_scale.dtype == torch.float32) if f.tensor_scale else q.tensor_scale is None
+    buffer = io.BytesIO()
+    torch.save(q, buffer)  # pickled (plain pickle fails on any float8 tensor in torch 2.13: the E4M3 block scales)
+    buffer.seek(0)
+    for clone in (copy.deepcopy(q), torch.load(buffer, weights_only=False)):
+        assert clone.weight.fmt == fmt and clone.weight.logical_shape == (8, 32)
+        scale = clone.weight.scale
+        assert (scale.block is clone.scale and scale.tensor is clone.tensor_scale) if f.block else scale is clone.scale
+        assert torch.equal(clone.dequantized_weight(), q.dequantized_weight())
+    fresh = quant.QLinear(32, 8, fmt)
+    fresh.load_state_dict(q.state_dict())
+    assert torch.equal(fresh.dequantized_weight(), q.dequantized_weight())
+    assert quant.dequantize(fresh.weight, fresh.weight.scale, fmt).equal(q.dequantized_weight()), "still linked"
+
+
+@pytest.mark.parametrize("fmt", FP4)
+def test_a_4bit_moe_bank_runs_forward_and_backward_like_its_dequantized_float_bank(fmt):
+    """An MoE with 4-bit expert banks [E, out, in] (nvfp4: block scales per expert row, one tensor scale per bank;
+    int4: one scale per bank): output and main_grads equal those of the float MoE holding the dequantized banks,
+    main_grad in the logical shape."""
+    torch.manual_seed(0)
+    moe = MoE(n_embd=32, hidden=64, n_experts=4, top_k=2)
+    for w in (moe.gate, moe.up, moe.down):
+        nn.init.normal_(w.weight, std=0.2)
+    ref = copy.deepcopy(moe)
+    quant.quantize_linears_(moe, fmt, include=lambda name, m: name != "router")
+    assert moe.gate.weight.shape == (4, 64, 16) and moe.gate.weight.logical_shape == (4, 64, 32)
+    if fmt == "nvfp4":
+        assert moe.gate.scale.shape == (4, 64, 2) and moe.gate.tensor_scale.shape == ()
+    for name in ("gate", "up", "down"):
+        getattr(ref, name).weight.data = getattr(moe, name).dequantized_weight()
+    x = torch.randn(2, 8, 32)
+    y, y_ref = moe(x), ref(x)
+    assert torch.equal(y, y_ref)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    for name in ("gate", "up", "down"):
+        bank, bank_ref = getattr(moe, name).weight, getattr(ref, name).weight
+        assert bank.main_grad.shape == bank.logical_shape == bank_ref.shape
+        assert torch.equal(bank.main_grad, bank_ref.grad)
+
+
+@pytest.mark.parametrize("rounding", quant.ROUNDINGS)
+@pytest.mark.parametrize("mode", eco.MODES)
+def test_ecoadamw_steps_nvfp4_weights_in_every_mode_and_resumes_from_a_state_dict(mode, rounding):
+    """ECOAdamW on an nvfp4 QLinear (the reference path): codes move; state in the weight's logical shape (4096
+    values: bf16 moments, as asked); master mode stores q(master) (RTN: exactly), naive and eco hold no copy; an
+    optimizer loaded from its state_dict takes the same next step."""
+    q = quant.QLinear(128, 32, "nvfp4").set_float_(0.05 * torch.randn(32, 128, generator=torch.Generator().manual_seed(0)))
+    opt = eco.ECOAdamW([q.weight], lr=1e-2, mode=mode, rounding=rounding, moments="bf16", seed=3)
+    start, g = q.weight.clone(), torch.Generator().manual_seed(1)
+    for _ in range(4):
+        q.weight.main_grad = torch.randn(32, 128, generator=g)
+        opt.step()
+        state = opt.state[q.weight]
+        assert state["exp_avg"].shape == (32, 128) and state["exp_avg"].dtype == torch.bfloat16
+        assert ("master" in state) == (mode == "master")
+        if mode == "master":  # the scales do not depend on the rounding
+            codes, scale = quant.quantize(state["master"], "nvfp4", "nearest")
+            assert torch.equal(q.tensor_scale, scale.tensor)
+            assert torch.equal(q.scale.view(torch.uint8), scale.block.view(torch.uint8))
+            if rounding == "nearest":
+                assert torch.equal(q.weight, codes), "stored = RTN(master)"
+            else:
+                y = state["master"] / quant.block_scale_values(scale, "nvfp4").repeat_interleave(16, dim=-1)
+                lo, hi = neighbours(y.clamp(-6, 6), E2M1_GRID)
+                got = quant.unpack(q.weight, "nvfp4")
+                assert ((got == lo) | (got == hi)).all(), "stored = SR(master): a neighbour"
+    assert (q.weight != start).any(), "codes moved: not vacuous"
+    other = copy.deepcopy(q)
+    resumed = eco.ECOAdamW([other.weight], lr=1e-2, mode=mode, rounding=rounding, moments="bf16", seed=0)
+    resumed.load_state_dict(opt.state_dict())
+    grad = torch.randn(32, 128, generator=g)
+    for w, o in ((q, opt), (other, resumed)):
+        w.weight.main_grad = grad.clone()
+        o.step()
+    assert torch.equal(q.weight, other.weight) and torch.equal(q.scale.view(torch.uint8), other.scale.view(torch.uint8))
+
+
+def test_packed_formats_refuse_an_odd_last_dimension_before_anything_changes():
+    """An odd last dimension is a ValueError naming the shape and the format, raised before any tensor or module
+    changes: a QLinear, quantize, store_ and quantize_linears_ (which swaps nothing)."""
+    with pytest.raises(ValueError, match=r"\(4, 7\).*nvfp4.*even"):
+        quant.QLinear(7, 4, "nvfp4")
+    with pytest.raises(ValueError, match=r"\(3, 5\).*int4"):
+        quant.quantize(torch.ones(3, 5), "int4")
+    w = quant.QuantizedWeight((4, 8), "int4").set_float_(torch.randn(4, 8))
+    before = w.weight.clone(), w.scale.clone()
+    with pytest.raises(ValueError, match=r"\(4, 7\).*int4"):
+        quant.store_(w.weight, w.scale, torch.ones(4, 7), "int4")
+    assert torch.equal(w.weight, before[0]) and torch.equal(w.scale, before[1])
+    model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(7, 8, bias=False))
+    with pytest.raises(ValueError, match=r"1\.weight.*\(8, 7\).*mxfp4"):
+        quant.quantize_linears_(model, "mxfp4")
+    assert type(model[0]) is nn.Linear, "nothing was swapped before the error"
 
 
 # -----------------------------------------------------------------------------

@@ -59,11 +59,29 @@ def test_train_counts_no_moved_codes_when_nothing_is_learned(small_data, tmp_pat
     assert [r["moved"] for r in results.values()] == [0.0, 0.0, 0.0]
 
 
-@pytest.mark.parametrize("extra", [["--model=moe", "--methods=eco_sr"], ["--fmt=int4", "--methods=master_rtn,eco_rtn"]])
-def test_train_moe_and_int4_variants(small_data, tmp_path, extra):
-    """The MoE model and int4 weights train to finite losses."""
+@pytest.mark.parametrize("extra", [["--model=moe", "--methods=eco_sr"], ["--fmt=int4", "--methods=master_rtn,eco_rtn"],
+                                   ["--optimizer=muon", "--model=moe", "--moments=fp8", "--methods=fp32,naive_sr,eco_sr"]])
+def test_train_moe_int4_and_muon_variants(small_data, tmp_path, extra):
+    """The MoE model, int4 weights and Muon (with an fp8 momentum, on the MoE's expert banks too) train to finite losses."""
     results = train.main(tiny_train_args(small_data, tmp_path, *extra))
     assert all(math.isfinite(r["val_loss"]) for r in results.values())
+
+
+@pytest.mark.parametrize("model", ["dense", "moe"])
+def test_muon_steps_the_block_matrices_and_adamw_the_rest_with_each_its_peak_lr(model):
+    """--optimizer=muon: one Muon group of every matrix inside the blocks (quantized or not, router included), the
+    embeddings and norm gains on AdamW, each group scheduled from its own peak."""
+    c = dict(train.DEFAULTS, optimizer="muon", model=model, muon_lr=0.05)
+    for quantized in (False, True):
+        net = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=2, n_head=2, n_embd=32, mlp=model))
+        if quantized:
+            net.quantize_("fp8_e4m3")
+        opt = train.make_optimizer(net, c, "eco", "stochastic")
+        muon = [g for g in opt.param_groups if g["use_muon"]]
+        blocks = {id(p) for n, p in net.named_parameters() if n.startswith("blocks.") and p.dim() >= 2}
+        assert len(muon) == 1 and {id(p) for p in muon[0]["params"]} == blocks
+        assert [g["peak_lr"] for g in opt.param_groups] == [0.05, c["lr"], c["lr"]]
+        assert train.get_lr(c["max_steps"], c, 0.05) == pytest.approx(0.05 * c["final_lr_frac"])
 
 
 def test_train_resume_continues_identically(small_data, tmp_path):
@@ -201,6 +219,7 @@ BAD_OPTIONS = [  # (arguments, what the error must say): options that only train
     (["--device=gpu"], "--device='gpu' .*cuda:N"), (["--sample_tokens=-1"], "--sample_tokens=-1 "),
     (["--seed=-1"], "--seed=-1 "), (["--seeds=0"], "--seeds=0 "), (["--seeds=2", "--jobs=3"], "--jobs=3 .*seeds=2"),
     (["--model=sparse"], "--model='sparse' .*dense, moe"), (["--methods=eco_sr,eco_sr"], "--methods='eco_sr,eco_sr' "),
+    (["--optimizer=sgd"], "--optimizer='sgd' .*adamw, muon"),
 ]
 
 
@@ -220,6 +239,8 @@ BUILD_ERRORS = [  # options checked once, by the constructor that uses them (the
     (["--injection=exact"], "unknown injection 'exact'; accepted: \\['paper', 'next_lr'\\]"),
     (["--model=moe", "--top_k=9"], "top_k=9; accepted: 1 to n_experts=8"), (["--model=moe", "--top_k=0"], "top_k=0"),
     (["--n_head=3"], "n_embd=32 must split into n_head=3"), (["--n_embd=34"], "n_embd=34 must split into n_head=2"),
+    (["--optimizer=muon", "--muon_lr=-1"], "invalid lr=-1.0"), (["--optimizer=muon", "--muon_momentum=1"],
+                                                                "invalid momentum=1.0"),
 ]
 
 
