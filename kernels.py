@@ -64,6 +64,10 @@ PyTorch reference bit for bit:
     which CI uses, rounds casts to float8e4nv wrongly when the rounding carries into the exponent (0.4856
     became 0.25 instead of 0.5). fusable says which GPUs (CAPABILITIES) it compiles for; tests/test_kernels.py
     compiles it for each of them, on the CPU.
+Which weights: the row-wise formats (fp8_e4m3, fp8_e5m2, int8), the ones with one scale per row that one program
+owns. int4's one scale per tensor needs a pass over every row before any code is written, and nvfp4 / mxfp4 keep
+packed 4-bit codes under block scales (and nvfp4 a tensor scale too); fusable says no for them, and ECOAdamW steps
+them on the reference path (as it steps ECOMuon's Muon matrices, whose Newton-Schulz is a matmul, not a map).
 Stochastic rounding draws 24-bit uniforms from Philox keyed by a seed, with a counter per (row, element,
 stream) so that no two rows, and no two streams, share a random number (see uniform); ECOAdamW derives a
 fresh seed from (its seed, step, tensor), so runs are reproducible.

@@ -60,9 +60,11 @@ def test_train_counts_no_moved_codes_when_nothing_is_learned(small_data, tmp_pat
 
 
 @pytest.mark.parametrize("extra", [["--model=moe", "--methods=eco_sr"], ["--fmt=int4", "--methods=master_rtn,eco_rtn"],
-                                   ["--optimizer=muon", "--model=moe", "--moments=fp8", "--methods=fp32,naive_sr,eco_sr"]])
-def test_train_moe_int4_and_muon_variants(small_data, tmp_path, extra):
-    """The MoE model, int4 weights and Muon (with an fp8 momentum, on the MoE's expert banks too) train to finite losses."""
+                                   ["--optimizer=muon", "--model=moe", "--moments=fp8", "--methods=fp32,naive_sr,eco_sr"],
+                                   ["--fmt=nvfp4", "--model=moe", "--methods=master_rtn,eco_sr"]])
+def test_train_moe_int4_muon_and_nvfp4_variants(small_data, tmp_path, extra):
+    """The MoE model, int4 weights, Muon (with an fp8 momentum, on the MoE's expert banks too) and NVFP4 expert banks
+    train to finite losses."""
     results = train.main(tiny_train_args(small_data, tmp_path, *extra))
     assert all(math.isfinite(r["val_loss"]) for r in results.values())
 
