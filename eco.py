@@ -24,7 +24,7 @@ For SGD with EMA momentum (the form the paper's theory is about) the same rule r
     m~ = beta m + (1 - beta) g,  theta = (1 - lr*wd) w - lr m~,  w' = q(theta),
     m' = m~ + (1 - lr*wd) (1/lr) (1 - 1/beta) e.
 
-Three modes, one optimizer class each for AdamW and SGD:
+Three modes, one optimizer class each for AdamW, SGD and (below) Muon:
     master  float32 master copy in the optimizer state; AdamW updates it; the stored weight is q(master)
     naive   no master: AdamW updates the dequantized weight, which is re-quantized; the error is lost
     eco     no master: as naive, plus the one injection line above
@@ -138,7 +138,7 @@ def injection_coefficient(lr, weight_decay, beta, bc=1.0, next_lr=None, next_bc=
 # Optimizer classes: the three modes are in step(); what both classes share comes first
 
 class _QuantizedOptimizer(torch.optim.Optimizer):
-    """What ECOAdamW and ECOSGD share: argument checks, the rounding generator, main_grad handling,
+    """What ECOAdamW, ECOSGD and ECOMuon share: argument checks, the rounding generator, main_grad handling,
     and a state_dict that survives FP8 parameters and compressed moments. A param group's hyper-parameters are
     checked when the group is created or a value is set (_CheckedGroup), the gradients at each step."""
 
@@ -190,7 +190,7 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
             _check_number("next_lr", group["next_lr"], 0.0, math.inf)
         if self.mode == "eco" and (self.injection == "paper" or "next_lr" in group):
             _check_injection(group, self._beta(group), self.injection)
-        for p in group["params"] if changed is None or "moments" in changed else ():
+        for p in group["params"] if changed is None or {"moments", "use_muon"} & set(changed) else ():
             if self.state.get(p):
                 self._check_state(p, group, self.state[p])
 
@@ -217,7 +217,7 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if is_quantized(p) and p.grad is not None:
-                    raise ValueError(f"a quantized weight of shape {tuple(p.shape)} has a gradient in .grad; its "
+                    raise ValueError(f"a quantized weight of shape {tuple(shape_of(p))} has a gradient in .grad; its "
                                      "gradient belongs in .main_grad (quant.QuantizedWeight puts it there)")
                 grad = grad_of(p)
                 if grad is not None:
@@ -230,7 +230,7 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
         if checked:  # one reduction per tensor, one host sync: NaN/Inf, or |g| so large that g*g overflows
             bad = torch.stack([~(g.abs().amax() <= limit) for _, g, limit in checked])  # NaN compares False
             if bad.any():
-                found = [f"{tuple(p.shape)} (|g| <= {limit:.3g})" for (p, _, limit), b in zip(checked, bad.tolist()) if b]
+                found = [f"{tuple(shape_of(p))} (|g| <= {limit:.3g})" for (p, _, limit), b in zip(checked, bad.tolist()) if b]
                 raise quant.NonFiniteError(f"non-finite gradient, or one whose square overflows how v is stored, in "
                                            f"parameters of shapes {', '.join(found)}; nothing was updated")
         return work
@@ -280,7 +280,7 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
             expected = self._expected_state(params[index], groups[index])
             got = {k: (v.dtype, tuple(v.shape)) for k, v in saved.items() if torch.is_tensor(v) and k != "step"}
             if got != expected:
-                raise ValueError(f"parameter {index} (shape {tuple(params[index].shape)}): saved state {got} does not "
+                raise ValueError(f"parameter {index} (shape {tuple(shape_of(params[index]))}): saved state {got} does not "
                                  f"match this optimizer's {expected} (another mode, moments or model?)")
         super().load_state_dict(state_dict)
         for index, saved in state_dict["state"].items():
@@ -339,13 +339,16 @@ class ECOAdamW(_QuantizedOptimizer):
         # moments and GPUs kernels.fusable accepts; every other tensor takes the reference path
         self.kernels = None
         quantized = [(p, moments_format(p, group["moments"])) for group in self.param_groups for p in group["params"]
-                     if is_quantized(p)]
+                     if is_quantized(p) and not group.get("use_muon")]  # (ECOMuon's Muon groups never fuse)
         if fused is not False and torch.cuda.is_available() and all(p.is_cuda for p, _ in quantized):
             try:
                 import kernels  # imports triton
                 self.kernels = kernels
             except ImportError:
                 pass
+        if fused is None and self.kernels is not None and not any(  # none it would step: off, and reported so
+                self.kernels.fusable(p.fmt, m, torch.cuda.get_device_capability(p.device)) for p, m in quantized):
+            self.kernels = None
         if fused and self.kernels is None:
             raise ValueError("fused=True needs the quantized parameters on CUDA and triton installed; use fused=False")
         if fused and quantized:
@@ -376,7 +379,7 @@ class ECOAdamW(_QuantizedOptimizer):
     def _check_state(self, p, group, state):
         stored, wanted = stored_moments(state), moments_format(p, group["moments"])
         if stored != wanted:
-            raise ValueError(f"a parameter of shape {tuple(p.shape)} keeps its moments as {stored!r} since its first "
+            raise ValueError(f"a parameter of shape {tuple(shape_of(p))} keeps its moments as {stored!r} since its first "
                              f"step; its group now asks for moments={group['moments']!r}: the storage is set once "
                              f"(accepted here: {stored!r})")
 
@@ -475,17 +478,21 @@ class ECOSGD(_QuantizedOptimizer):
 # where NS is a few Newton-Schulz iterations towards the polar factor. It keeps one buffer per weight instead of
 # AdamW's two: with FP4 weights and an FP8 momentum that is under 2 bytes per parameter.
 #
-# The injection. The polar factor is O = m~ H with H = (m~^T m~)^(-1/2). Holding H fixed over the next few steps
-# (as ECO-AdamW holds Adam's denominator), Muon is SGD-momentum whose step lr s m H carries a right
-# preconditioner. ECO-SGDM puts the error e back as m' = m~ + (1 - lr wd)(1/lr)(1 - 1/beta) e; here e must first
-# be mapped from weight space to momentum space, through (s H)^-1, and H^-1 = (m~^T m~)^(1/2) = O^T m~ exactly
-# (for U V^T = O: O^T m~ = V U^T U S V^T = V S V^T). One extra matmul, no new state:
-#     m' = m~ + (1 - lr wd) / (lr s) * (1 - 1/beta) * e (O^T m~)
-# Check: if no code moved and wd = 0, e = -lr s O, and the injection is -(1 - 1/beta) O O^T m~ = -(1 - 1/beta) m~
-# (O O^T m~ = U V^T V S V^T... = U S V^T = m~), so m' = m~ / beta: the momentum stops decaying, exactly as in
-# ECO-SGDM, and the sub-grid updates pile up until they cross a grid point. (O is scale-free: NS(c m) = NS(m);
-# what the injection changes is the weight of the past against the next gradients.) With Newton-Schulz's
-# approximate O the identity holds approximately; with the exact polar factor (ns_steps=0) up to float32 rounding.
+# The injection. For a tall or square m~ (out >= in) the polar factor is O = m~ H with H = (m~^T m~)^(-1/2).
+# Holding H fixed over the next few steps (as ECO-AdamW holds Adam's denominator), Muon is SGD-momentum whose step
+# lr s m H carries a right preconditioner. ECO-SGDM puts the error e back as m' = m~ + (1 - lr wd)(1/lr)(1 - 1/beta) e;
+# here e must first be mapped from weight space to momentum space, through (s H)^-1, and H^-1 = (m~^T m~)^(1/2) =
+# O^T m~ exactly (for O = U V^T: O^T m~ = V U^T U S V^T = V S V^T). One extra matmul, no new state:
+#     m' = m~ + (1 - lr wd) / (lr s) * (1 - 1/beta) * e (O^T m~)                  (out >= in)
+# A wide m~ (out < in: an MLP's down projection) has a singular m~^T m~ of rank out, and e (O^T m~) would keep only
+# the part of e in m~'s row space (a quarter of it for [C, 4C]). Its polar factor is O = L m~ with the left
+# preconditioner L = (m~ m~^T)^(-1/2), full rank, and the same derivation gives L^-1 e = (m~ O^T) e:
+#     m' = m~ + (1 - lr wd) / (lr s) * (1 - 1/beta) * (m~ O^T) e                  (out < in)
+# Check: if no code moved and wd = 0, e = -lr s O, and the injection is -(1 - 1/beta) O O^T m~ (or m~ O^T O)
+# = -(1 - 1/beta) m~, so m' = m~ / beta: the momentum stops decaying, exactly as in ECO-SGDM. Unlike SGD, Muon's step
+# does not grow with the momentum (O is scale-free: NS(c m) = NS(m)); what a momentum that keeps the lost updates
+# changes is their weight against the next gradients, direction by direction. With Newton-Schulz's approximate O
+# the identity holds approximately; with the exact polar factor (ns_steps=0) up to float32 rounding.
 # The coefficient is injection_coefficient's (either rule) divided by s.
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Muon's quintic: pushes singular values towards [0.7, 1.2] fast
@@ -502,6 +509,7 @@ def newton_schulz(G, steps=5):
     a, b, c = NS_COEFFICIENTS
     wide = G.shape[-2] <= G.shape[-1]
     X = G if wide else G.mT  # iterate on the wide side: A is the smaller Gram matrix
+    X = X / X.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # (|G|_F could overflow)
     X = X / (torch.linalg.matrix_norm(X, keepdim=True) + 1e-7)  # singular values <= 1
     for _ in range(steps):
         A = X @ X.mT
@@ -518,14 +526,18 @@ def muon_update(weight, grad, momentum_buffer, *, lr, momentum, weight_decay, ns
 
 
 def eco_muon_step(weight, grad, momentum_buffer, *, lr, momentum, weight_decay, ns_steps, quantize, next_lr=None):
-    """ECO for Muon: m' = m~ + alpha / s * e (O^T m~), alpha from injection_coefficient. Returns q(theta)."""
+    """ECO for Muon: m' = m~ + alpha / s * e (O^T m~), or alpha / s * (m~ O^T) e for a wide matrix (out < in), alpha
+    from injection_coefficient. Returns q(theta)."""
     theta, O, s = muon_update(weight, grad, momentum_buffer, lr=lr, momentum=momentum, weight_decay=weight_decay,
                               ns_steps=ns_steps)
     new_weight = quantize(theta)
     alpha = injection_coefficient(lr, weight_decay, momentum, next_lr=next_lr, next_bc=1.0) / s
     if alpha != 0.0:
         error = theta - new_weight
-        momentum_buffer.add_(error @ (O.mT @ momentum_buffer), alpha=alpha)  # <- ECO, through H^-1 = O^T m~
+        if weight.shape[-2] >= weight.shape[-1]:  # <- ECO: the error into the momentum, through H^-1 = O^T m~ ...
+            momentum_buffer.add_(error @ (O.mT @ momentum_buffer), alpha=alpha)
+        else:  # ... or, for a wide matrix, through L^-1 = m~ O^T
+            momentum_buffer.add_((momentum_buffer @ O.mT) @ error, alpha=alpha)
     return new_weight
 
 
@@ -574,7 +586,8 @@ class ECOMuon(ECOAdamW):
         store_momentum_(state, m, self.generator)
 
     def _check_group(self, group, mode):
-        _check_choice("use_muon", group["use_muon"], (True, False))
+        if not isinstance(group["use_muon"], bool):
+            raise ValueError(f"invalid use_muon={group['use_muon']!r}; accepted: True (Muon) or False (AdamW)")
         if not group["use_muon"]:
             return super()._check_group(group, mode)
         _check_number("lr", group["lr"], 0.0, math.inf)
@@ -593,6 +606,10 @@ class ECOMuon(ECOAdamW):
         return group["momentum"] if group["use_muon"] else super()._beta(group)
 
     def _check_state(self, p, group, state):
+        if ("momentum_buffer" in state) != group["use_muon"]:
+            raise ValueError(f"a parameter of shape {tuple(shape_of(p))} was stepped by "
+                             f"{'Muon' if 'momentum_buffer' in state else 'AdamW'} and keeps that state; its group now "
+                             f"asks for use_muon={group['use_muon']!r} (accepted here: {'momentum_buffer' in state})")
         if not group["use_muon"]:
             return super()._check_state(p, group, state)
         stored, wanted = stored_momentum(state), moments_format(p, group["moments"])
@@ -600,9 +617,6 @@ class ECOMuon(ECOAdamW):
             raise ValueError(f"a parameter of shape {tuple(shape_of(p))} keeps its momentum as {stored!r} since its "
                              f"first step; its group now asks for moments={group['moments']!r}: the storage is set "
                              f"once (accepted here: {stored!r})")
-
-    def _grad_limit(self, p, group):  # Muon squares no gradient: only NaN and Inf are refused
-        return torch.finfo(torch.float32).max if group["use_muon"] else super()._grad_limit(p, group)
 
     def _expected_state(self, p, group):
         if not group["use_muon"]:
@@ -773,7 +787,7 @@ def clip_grad_norm_(params, max_norm):
 
 
 # -----------------------------------------------------------------------------
-# The checks and seeds ECOAdamW and ECOSGD share
+# The checks and seeds the optimizers share
 
 def kernel_seed(seed, step, index):
     """One Philox seed per kernel launch. Triton draws random numbers from (seed, element index), so every

@@ -114,6 +114,7 @@ FORMATS = {
 }
 ROUNDINGS = ("nearest", "stochastic")
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # an E2M1 nibble's bits 0-2 index this
+MXFP4_LIMIT = 3.0 * 2.0 ** 126  # mxfp4's largest |x|: above it the rounded-up power-of-two scale stores inf
 
 
 class BlockScales(NamedTuple):
@@ -207,7 +208,7 @@ def pack(values, fmt):
     if f.mantissa_bits is None:  # int4: the low 4 bits of the two's-complement byte
         nibbles = values.to(torch.int8).view(torch.uint8) & 0xF
     else:  # E2M1: the index of |value| among the 8 magnitudes, and the sign bit (signbit: -0.0 keeps it)
-        index = torch.searchsorted(_e2m1_values(values.device)[:8], values.abs())
+        index = torch.searchsorted(_e2m1_values(values.device)[:8], values.abs().contiguous())
         nibbles = (index | (torch.signbit(values).long() << 3)).to(torch.uint8)
     nibbles = nibbles.reshape(*values.shape[:-1], -1, 2)
     return nibbles[..., 0] | (nibbles[..., 1] << 4)
@@ -279,6 +280,9 @@ def quantize(x, fmt, rounding="nearest", generator=None, check=True):
     x = x.float()  # first: a float64 1e39 is finite, its float32 value is not
     if check:
         check_finite(x, "quantize input")
+        if f.block and not f.tensor_scale and x.numel() and x.abs().amax() > MXFP4_LIMIT:
+            raise ValueError(f"{fmt} cannot hold |x| = {x.abs().amax().item():.4g}: its largest scale, 2^127, would "
+                             f"store it as inf; accepted: |x| <= 3 x 2^126 = {MXFP4_LIMIT:.4g} (or nvfp4)")
     if f.block:
         scale = compute_block_scales(x, f)
         y = x / _per_value(block_scale_values(scale, fmt), f.block, x.shape[-1])

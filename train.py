@@ -158,6 +158,7 @@ def make_optimizer(model, c, mode, rounding):
     matrices = [p for n, p in model.named_parameters() if muon and n.startswith("blocks.") and p.dim() >= 2]
     decay = [p for p in model.parameters() if p.dim() >= 2 and not any(p is q for q in matrices)]  # embeddings ...
     no_decay = [p for p in model.parameters() if p.dim() < 2]  # norm gains
+    assert len(matrices) + len(decay) + len(no_decay) == len(list(model.parameters())), "every parameter in one group"
     groups = [dict(params=decay, weight_decay=c["weight_decay"]), dict(params=no_decay, weight_decay=0.0)]
     groups = [dict(g, use_muon=False, peak_lr=c["lr"]) if muon else dict(g, peak_lr=c["lr"]) for g in groups]
     hyper = dict(lr=c["lr"], betas=(c["beta1"], c["beta2"]), eps=c["eps"], mode=mode, rounding=rounding,
@@ -337,11 +338,11 @@ def train_method(short, c, cfg, init_state, train_data, val_data, dev):
             codes_before = [p.detach().clone() for p in qparams]
             opt.step()
             eco.zero_grad_(model.parameters())
-            for before, p in zip(codes_before, qparams):  # compare bits: FP8 has no != on every device
-                changed = before.view(torch.uint8) ^ p.detach().view(torch.uint8)
-                if quant.FORMATS[p.fmt].packed:  # two 4-bit codes per byte: each counts
-                    changed = torch.stack([changed & 0xF, changed >> 4])
-                moved += (changed != 0).sum() / n_quantized
+            for before, p in zip(codes_before, qparams):  # FP8: compare bytes (no != on every device); 4-bit: values
+                if quant.FORMATS[p.fmt].packed:  # (two a byte, and E2M1's -0 = +0: a sign flip at zero moves nothing)
+                    moved += (quant.unpack(before, p.fmt) != quant.unpack(p.detach(), p.fmt)).sum() / n_quantized
+                else:
+                    moved += (before.view(torch.uint8) != p.detach().view(torch.uint8)).sum() / n_quantized
             moved_steps += 1
         except quant.NonFiniteError as err:  # a NaN/Inf loss, gradient norm or gradient
             print(f"{name}: diverged at step {step} ({err})")

@@ -37,7 +37,8 @@ def test_newton_schulz_keeps_the_singular_vectors_and_steps_0_is_the_polar_facto
     diag = torch.diagonal(inner, dim1=-2, dim2=-1)
     assert (inner - torch.diag_embed(diag)).abs().max() < 1e-5
     assert diag.min() > 0.6 and diag.max() < 1.2
-    assert torch.allclose(eco.newton_schulz(3 * G), eco.newton_schulz(G), atol=1e-6), "scale-free: NS(c G) = NS(G)"
+    for c in (3.0, 1e30, 1e-30):  # scale-free, also where |G|_F itself would overflow or underflow float32
+        assert torch.allclose(eco.newton_schulz(c * G), eco.newton_schulz(G), atol=1e-6), c
     for steps in (0, 5):  # a zero momentum (an idle expert) moves nothing
         assert torch.equal(eco.newton_schulz(torch.zeros(shape), steps), torch.zeros(shape))
 
@@ -89,6 +90,27 @@ def test_a_stuck_weight_makes_the_momentum_stop_decaying_with_the_exact_polar_fa
                       quantize=lambda theta: weight.clone(), next_lr=next_lr)
     m_tilde = 0.9 * m0 + 0.1 * g
     assert torch.allclose(m, m_tilde / 0.9, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(32, 64), (64, 32), (48, 48), (2, 24, 40)])
+def test_the_injection_maps_any_error_back_through_the_preconditioner(shape):
+    """With the exact polar factor O = m~ H (out >= in) or L m~ (out < in), the injected d = m' - m~ satisfies
+    alpha/s e = d H, or L d: all of e enters the momentum, also for a wide matrix, whose H does not exist."""
+    gen = torch.Generator().manual_seed(4)
+    m0, g, e = (torch.randn(shape, generator=gen) for _ in range(3))
+    m = m0.clone()
+    lr, beta = 1e-2, 0.9
+    eco.eco_muon_step(torch.zeros(shape), g, m, lr=lr, momentum=beta, weight_decay=0.0, ns_steps=0,
+                      quantize=lambda theta: (theta.double() - e.double()).float())  # the error is e
+    m_tilde = (beta * m0 + (1 - beta) * g).double()
+    s = max(1.0, shape[-2] / shape[-1]) ** 0.5
+    d = (m.double() - m_tilde) / (eco.injection_coefficient(lr, 0.0, beta) / s)  # the error as the momentum sees it
+    U, S, Vh = torch.linalg.svd(m_tilde, full_matrices=False)
+    if shape[-2] >= shape[-1]:
+        back = d @ (Vh.mT * (1 / S).unsqueeze(-2)) @ Vh  # d H, H = V S^-1 V^T
+    else:
+        back = (U * (1 / S).unsqueeze(-2)) @ U.mT @ d  # L d, L = U S^-1 U^T
+    assert torch.allclose(back, e.double(), atol=2e-3), (back - e).abs().max()
 
 
 def test_eco_momentum_grows_while_codes_are_stuck_and_naive_momentum_does_not():
@@ -186,3 +208,9 @@ def test_bad_groups_and_options_are_refused_naming_them():
     with pytest.raises(ValueError, match="keeps its momentum as 'fp8'"):
         opt.param_groups[0]["moments"] = "bf16"
     assert opt.param_groups[0]["moments"] == "fp8"
+    with pytest.raises(ValueError, match="stepped by Muon.*use_muon=False"):  # AdamW would find no exp_avg
+        opt.param_groups[0]["use_muon"] = False
+    with pytest.raises(ValueError, match="use_muon=1"):
+        eco.ECOMuon([dict(params=[w.weight], use_muon=1)])
+    assert opt.param_groups[0]["use_muon"] is True
+    opt.step()

@@ -630,3 +630,14 @@ def test_auto_is_scaled_mm_on_an_fp8_gpu_and_matches_the_simulated_path():
     y_fast.backward(dy)
     y_sim.backward(dy)
     assert_equal_up_to_summation(fast.weight.main_grad, sim.weight.main_grad, dy.t(), x_q)
+
+
+def test_mxfp4_refuses_values_its_largest_scale_would_store_as_inf():
+    """Above 3 x 2^126 the rounded-up power-of-two scale is 2^127 and a code of 4 or 6 is inf: refused, naming the
+    limit; the limit itself is stored exactly."""
+    row = torch.zeros(1, 32)
+    row[0, 0] = quant.MXFP4_LIMIT
+    assert quant.quantize_dequantize(row, "mxfp4")[0, 0] == quant.MXFP4_LIMIT
+    row[0, 0] = 3e38
+    with pytest.raises(ValueError, match=r"mxfp4 cannot hold \|x\| = 3e\+38.*3 x 2\^126"):
+        quant.quantize(row, "mxfp4")

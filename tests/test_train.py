@@ -59,6 +59,24 @@ def test_train_counts_no_moved_codes_when_nothing_is_learned(small_data, tmp_pat
     assert [r["moved"] for r in results.values()] == [0.0, 0.0, 0.0]
 
 
+def test_a_4bit_zero_that_flips_its_sign_is_not_a_moved_code(small_data, tmp_path, monkeypatch):
+    """E2M1 keeps -0 (round-to-nearest gives it to small negative values), and -0 = +0: counting changed bits would
+    report a stuck naive RTN run as moving. Updates of 1e-9 move no NVFP4 value, whatever their sign."""
+    flips = []
+    real_step = eco.ECOAdamW.step
+
+    def step(self, closure=None):
+        before = [p.clone() for p in self._params() if eco.is_quantized(p)]
+        real_step(self, closure)
+        after = [p for p in self._params() if eco.is_quantized(p)]
+        flips.append(sum(((a ^ b) != 0).sum().item() for a, b in zip(before, after)))
+
+    monkeypatch.setattr(eco.ECOAdamW, "step", step)
+    results = train.main(tiny_train_args(small_data, tmp_path, "--lr=1e-9", "--fmt=nvfp4", "--methods=naive_rtn"))
+    assert sum(flips) > 0, "bytes changed (zeros flipped sign) ..."
+    assert results["nvfp4_naive_rtn"]["moved"] == 0.0, "... but no value moved"
+
+
 @pytest.mark.parametrize("extra", [["--model=moe", "--methods=eco_sr"], ["--fmt=int4", "--methods=master_rtn,eco_rtn"],
                                    ["--optimizer=muon", "--model=moe", "--moments=fp8", "--methods=fp32,naive_sr,eco_sr"],
                                    ["--fmt=nvfp4", "--model=moe", "--methods=master_rtn,eco_sr"]])
