@@ -509,8 +509,8 @@ def newton_schulz(G, steps=5):
     a, b, c = NS_COEFFICIENTS
     wide = G.shape[-2] <= G.shape[-1]
     X = G if wide else G.mT  # iterate on the wide side: A is the smaller Gram matrix
-    X = X / X.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # (|G|_F could overflow)
-    X = X / (torch.linalg.matrix_norm(X, keepdim=True) + 1e-7)  # singular values <= 1
+    X = X / X.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # |G|_F may overflow
+    X = X / (torch.linalg.matrix_norm(X, keepdim=True) + 1e-7)  # ... this may not: singular values <= 1
     for _ in range(steps):
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
