@@ -307,7 +307,7 @@ def train_method(short, c, cfg, init_state, train_data, val_data, dev):
     n_quantized = sum(math.prod(eco.shape_of(p)) for p in qparams)  # values, not bytes
     moved, moved_steps = torch.zeros((), device=dev), 0
     print(f"\n{name}: mode={mode or 'plain AdamW, no quantization'} rounding={rounding or '-'} {dtype}"
-          + (f" | FP8 matmuls: {matmul} | fused ECO kernel: {opt.fused}" if qparams else ""))
+          + (f" | matmuls: {matmul} | fused ECO kernel: {opt.fused}" if qparams else ""))
     start, curve, moved_curve, train_time = runs.resume_(c, name, model, opt, dev)
     end, done, diverged = c["stop_at"] or c["max_steps"], start, False
     tokens_per_step = c["batch_size"] * c["block_size"] * c["micro_batches"]  # every rank's micro-batches
