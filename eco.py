@@ -494,6 +494,10 @@ class ECOSGD(_QuantizedOptimizer):
 # changes is their weight against the next gradients, direction by direction. With Newton-Schulz's approximate O
 # the identity holds approximately; with the exact polar factor (ns_steps=0) up to float32 rounding.
 # The coefficient is injection_coefficient's (either rule) divided by s.
+# Where the first-order view fails: the injection is proportional to m~ (H^-1 grows with the momentum), so it is
+# small against m~ only while the rounding error is small against the step, |e| << lr s. With FP8 weights it stays
+# under a fifth of |m~| on the default run; with NVFP4 weights and stochastic rounding it is a third to a half,
+# compounds, and the momentum overflowed in the cosine decay (RESULTS.md: measured, not solved).
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Muon's quintic: pushes singular values towards [0.7, 1.2] fast
 
