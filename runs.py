@@ -370,14 +370,21 @@ def seed_dirs(c):
 
 
 def finished(c, names):
-    """The rows of a sub-folder whose results.json has these settings and every method at the last step, else None."""
+    """The rows of a sub-folder whose results.json has these settings and every method of `names` at the last step,
+    else None. The rows are those of every finished method there: earlier commands' too (a subset of methods run
+    later into the same out_dir adds to them)."""
     path = os.path.join(c["out_dir"], "results.json")
     try:
         rows = check_out_dir(dict(c, resume=False, save_checkpoint=False), names)
     except ValueError:
         return None  # another run's, or damaged: train it again (which refuses, naming why)
-    done = all(n in rows and rows[n]["curve"] and rows[n]["curve"][-1][0] == c["max_steps"] for n in names)
-    return {n: rows[n] for n in names} if done and os.path.exists(path) else None
+    rows = finished_rows(rows, c["max_steps"])
+    return rows if all(n in rows for n in names) and os.path.exists(path) else None
+
+
+def finished_rows(rows, max_steps):
+    """The rows {method: row} of the methods that reached max_steps."""
+    return {n: r for n, r in rows.items() if r["curve"] and r["curve"][-1][0] == max_steps}
 
 
 def train_seeds(c, names, script, defaults):
@@ -414,8 +421,7 @@ def train_seeds(c, names, script, defaults):
                 failed.append(f"seed {seed} (exit {proc.returncode}, see {log.name})")
             else:
                 with open(os.path.join(seed_dirs(c)[seed], "results.json")) as f:
-                    methods = json.load(f)["methods"]
-                rows[seed] = {n: methods[n] for n in names}
+                    rows[seed] = finished_rows(json.load(f)["methods"], c["max_steps"])  # earlier methods' too
     if failed:
         raise RuntimeError(f"some seeds failed: {', '.join(failed)}; the others are kept, rerun to finish")
     return rows
@@ -452,7 +458,7 @@ def summarize(rows, baseline):
     and the paired differences to `baseline` (same seed) with the mean and its 95% t-interval."""
     seeds = sorted(rows)
     summary = {}
-    for name in rows[seeds[0]]:
+    for name in [n for n in rows[seeds[0]] if all(n in rows[s] for s in seeds)]:  # the methods every seed has
         losses = [rows[s][name]["val_loss"] for s in seeds]
         mean = sum(losses) / len(losses)
         sd = math.sqrt(sum((x - mean) ** 2 for x in losses) / (len(losses) - 1)) if len(losses) > 1 else float("nan")
@@ -544,6 +550,9 @@ def compare(a, b):
             raise ValueError(f"{out_dir}/results.json holds no seeds: give the out_dir of a --seeds run")
         rows.append({s: r[method]["val_loss"] for s, r in seeds.items() if method in r})
     common = sorted(set(rows[0]) & set(rows[1]), key=int)
+    if not common:
+        raise ValueError(f"no seed has both {a} and {b} (seeds with each: {sorted(rows[0], key=int)}, "
+                         f"{sorted(rows[1], key=int)}); accepted: two --seeds runs that share seeds, with those methods")
     diffs = [rows[0][s] - rows[1][s] for s in common]
     mean, half = paired_interval(diffs)
     return mean, [mean - half, mean + half], common

@@ -553,3 +553,12 @@ def test_several_seeds_train_in_sub_folders_as_single_runs_and_report_paired_int
     mean, interval, common = runs.compare(f"{tmp_path / 'two'}:fp8_eco_sr", f"{tmp_path / 'two'}:fp8_master_rtn")
     assert common == ["1337", "1338"] and math.isclose(mean, summary["fp8_eco_sr"]["difference"])
     assert all(math.isclose(x, y) for x, y in zip(interval, summary["fp8_eco_sr"]["interval"]))
+    # a later --seeds command with other methods into the same out_dir adds them: the summary keeps every method
+    # (the master weights of the first command included, so the new method gets its interval) ...
+    more = train.main(tiny_args(small_data, tmp_path / "two", "--methods=naive_sr", "--seeds=2"))
+    assert list(more) == ["fp8_master_rtn", "fp8_naive_rtn", "fp8_eco_sr", "fp8_naive_sr"]
+    assert more["fp8_eco_sr"] == summary["fp8_eco_sr"] and "interval" in more["fp8_naive_sr"]
+    assert list(json.loads((tmp_path / "two" / "results.json").read_text())["methods"]) == list(more)
+    # ... and a comparison with no seed in common is refused, naming both
+    with pytest.raises(ValueError, match="no seed has both .*fp8_eco_sr and .*fp8_nope"):
+        runs.compare(f"{tmp_path / 'two'}:fp8_eco_sr", f"{tmp_path / 'two'}:fp8_nope")
