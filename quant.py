@@ -366,6 +366,15 @@ def round_to_bfloat16(x, rounding="nearest", generator=None):
     return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # exact: on the grid
 
 
+def codes_moved(before, after, fmt):
+    """How many values of a weight changed code between two copies of its codes. FP8 compares bytes (it has no
+    != on every device); packed 4-bit formats compare values: two per byte, and E2M1's -0 equals +0 (round-to-
+    nearest gives -0 to small negative values: a sign flip at zero moves nothing)."""
+    if get_format(fmt).packed:
+        return (unpack(before, fmt) != unpack(after, fmt)).sum()
+    return (before.view(torch.uint8) != after.view(torch.uint8)).sum()
+
+
 def quantize_activations(x, fmt="fp8_e4m3"):
     """Row-wise (per token) round-to-nearest in the forward pass; identity in the backward (straight-through).
     (x - x.detach()) is exactly zero, so the value is exactly the grid value and the gradient is exactly dy."""

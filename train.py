@@ -7,8 +7,7 @@ removal of the master copy, ECO) on Shakespeare, and report validation loss, mem
     python train.py --methods=master_rtn,eco_sr            # a subset (into the same out/: same settings)
     python train.py --preset=gpu --out_dir=out-gpu         # ~30M non-embedding parameters and bf16, for one GPU
     python train.py --model=moe --out_dir=out-moe          # the sparse mixture-of-experts variant
-    python train.py --moments=fp8 --out_dir=out-fp8        # AdamW's moments in FP8 (eco.py)
-    python train.py --fmt=nvfp4 --optimizer=muon --moments=fp8 --out_dir=out-muon  # FP4 weights, Muon, FP8 momentum
+    python train.py --moments=fp8 --fmt=nvfp4 --out_dir=out-4  # NVFP4 weights, FP8 moments (--optimizer=muon: Muon)
     python train.py --methods=fp32 --save_checkpoint=True --out_dir=out-pre     # pre-train in FP32, then
     python train.py --fmt=int4 --init_from=out-pre/ckpt_fp32.pt --lr=3e-4 --out_dir=out-int4  # INT4 fine-tuning
     torchrun --standalone --nproc_per_node=8 train.py --preset=gpu               # data parallel, one process per GPU
@@ -159,15 +158,14 @@ def make_optimizer(model, c, mode, rounding):
     decay = [p for p in model.parameters() if p.dim() >= 2 and not any(p is q for q in matrices)]  # embeddings ...
     no_decay = [p for p in model.parameters() if p.dim() < 2]  # norm gains
     assert len(matrices) + len(decay) + len(no_decay) == len(list(model.parameters())), "every parameter in one group"
-    groups = [dict(params=decay, weight_decay=c["weight_decay"]), dict(params=no_decay, weight_decay=0.0)]
-    groups = [dict(g, use_muon=False, peak_lr=c["lr"]) if muon else dict(g, peak_lr=c["lr"]) for g in groups]
+    adamw = dict(peak_lr=c["lr"], **(dict(use_muon=False) if muon else {}))
+    groups = [dict(params=decay, weight_decay=c["weight_decay"], **adamw), dict(params=no_decay, weight_decay=0.0, **adamw)]
     hyper = dict(lr=c["lr"], betas=(c["beta1"], c["beta2"]), eps=c["eps"], mode=mode, rounding=rounding,
                  seed=stream_seed(c, ROUNDING), moments=c["moments"], injection=c["injection"])
     if not muon:
         return eco.ECOAdamW(groups, **hyper)
-    muon_group = dict(params=matrices, use_muon=True, lr=c["muon_lr"], peak_lr=c["muon_lr"],
-                      weight_decay=c["weight_decay"])
-    return eco.ECOMuon([muon_group] + groups, momentum=c["muon_momentum"], **hyper)
+    matrices = dict(params=matrices, lr=c["muon_lr"], peak_lr=c["muon_lr"], weight_decay=c["weight_decay"])
+    return eco.ECOMuon([matrices] + groups, momentum=c["muon_momentum"], **hyper)
 
 
 # -----------------------------------------------------------------------------
@@ -338,11 +336,7 @@ def train_method(short, c, cfg, init_state, train_data, val_data, dev):
             codes_before = [p.detach().clone() for p in qparams]
             opt.step()
             eco.zero_grad_(model.parameters())
-            for before, p in zip(codes_before, qparams):  # FP8: compare bytes (no != on every device); 4-bit: values
-                if quant.FORMATS[p.fmt].packed:  # (two a byte, and E2M1's -0 = +0: a sign flip at zero moves nothing)
-                    moved += (quant.unpack(before, p.fmt) != quant.unpack(p.detach(), p.fmt)).sum() / n_quantized
-                else:
-                    moved += (before.view(torch.uint8) != p.detach().view(torch.uint8)).sum() / n_quantized
+            moved += sum(quant.codes_moved(b, p.detach(), p.fmt) for b, p in zip(codes_before, qparams)) / max(n_quantized, 1)
             moved_steps += 1
         except quant.NonFiniteError as err:  # a NaN/Inf loss, gradient norm or gradient
             print(f"{name}: diverged at step {step} ({err})")
@@ -361,8 +355,7 @@ def train_method(short, c, cfg, init_state, train_data, val_data, dev):
             runs.check_replicas_agree(model, opt, done, name)  # torchrun: still bit-identical?
             if qparams:  # the mean fraction of codes moved per step since the last evaluation
                 moved_curve.append([done, moved.item() / max(moved_steps, 1)])
-                moved.zero_()
-                moved_steps = 0
+                moved, moved_steps = moved.zero_(), 0
             print(f"{name} step {done}: val loss {curve[-1][1]:.4f}"
                   + (f" | codes moved per step {moved_curve[-1][1]:.2%}" if qparams else ""))
             if c["save_checkpoint"] and RANK == 0:
