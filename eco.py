@@ -254,6 +254,13 @@ class _QuantizedOptimizer(torch.optim.Optimizer):
     def _expected_state(self, p, group):  # per class: {key: (dtype, shape)} of p's state
         raise NotImplementedError
 
+    def _shapes(self, p, tensors):
+        """{key: (dtype, shape)} of p's state tensors, with the master copy that mode="master" adds to a quantized p."""
+        shapes = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+        if is_quantized(p) and self.mode == "master":
+            shapes["master"] = (torch.float32, tuple(shape_of(p)))
+        return shapes
+
     def load_state_dict(self, state_dict):
         """torch's load_state_dict, checked first (class, mode, rounding, injection, every tensor's key, dtype and
         shape), and without torch's cast of floating-point state to the parameter's dtype, which would turn
@@ -387,10 +394,7 @@ class ECOAdamW(_QuantizedOptimizer):
         return GRAD_LIMITS[moments_format(p, group["moments"])]
 
     def _expected_state(self, p, group):
-        shapes = {k: (v.dtype, tuple(v.shape)) for k, v in init_moments(p, moments_format(p, group["moments"])).items()}
-        if is_quantized(p) and self.mode == "master":
-            shapes["master"] = (torch.float32, tuple(shape_of(p)))
-        return shapes
+        return self._shapes(p, init_moments(p, moments_format(p, group["moments"])))
 
     def _state(self, p, group):  # p's state, created at its first step; counts the step
         state = self.state[p]
@@ -463,10 +467,7 @@ class ECOSGD(_QuantizedOptimizer):
         _check_number("weight_decay", group["weight_decay"], 0.0, math.inf)
 
     def _expected_state(self, p, group):
-        shapes = dict(momentum_buffer=(torch.float32, tuple(shape_of(p))))
-        if is_quantized(p) and self.mode == "master":
-            shapes["master"] = (torch.float32, tuple(shape_of(p)))
-        return shapes
+        return self._shapes(p, dict(momentum_buffer=torch.zeros(shape_of(p))))
 
 
 # -----------------------------------------------------------------------------
@@ -625,11 +626,7 @@ class ECOMuon(ECOAdamW):
     def _expected_state(self, p, group):
         if not group["use_muon"]:
             return super()._expected_state(p, group)
-        momentum = init_momentum(p, moments_format(p, group["moments"]))
-        shapes = {k: (v.dtype, tuple(v.shape)) for k, v in momentum.items()}
-        if is_quantized(p) and self.mode == "master":
-            shapes["master"] = (torch.float32, tuple(shape_of(p)))
-        return shapes
+        return self._shapes(p, init_momentum(p, moments_format(p, group["moments"])))
 
 
 # -----------------------------------------------------------------------------
