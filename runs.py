@@ -1,6 +1,7 @@
 """
 A run's bookkeeping, kept beside train.py so that train.py reads as the experiment: what makes a run safe
-to kill, resume, repeat into the same folder and spread over processes. Nothing here changes what is trained.
+to kill, resume, repeat into the same folder and spread over processes, and the tables and figures it prints.
+Nothing here changes what is trained.
 
 Identity. A run is its settings and its data. train.py records, in the config of results.json and of every
 checkpoint, every option and the data folder's identity (data_sha256: the checksum of its meta.json, which
@@ -346,7 +347,7 @@ def check_replicas(hashes, step, name):
 
 
 # -----------------------------------------------------------------------------
-# Several seeds: a difference between two methods is a claim only with its interval
+# The tables; several seeds: a difference between two methods is a claim only with its interval
 
 def t_quantile(df, p=0.975):
     """The p-quantile of Student's t distribution with df degrees of freedom (2.776 for df = 4): bisection on
@@ -435,6 +436,31 @@ def run_seeds(c, names, script, defaults, baseline):
         write_results(c, summary, seeds=rows)
         report_seeds(summary, c)
     return summary
+
+
+def report(results, c):
+    """One run's table (train.py): every method's final validation loss, bytes, speed and codes moved."""
+    baseline = next((n for n in results if n.endswith("master_rtn")), None)
+    last_step = lambda r: r["curve"][-1][0] if r["curve"] else None  # rows kept from a run stopped elsewhere
+    peak = any(r.get("peak_memory") is not None for r in results.values())  # CUDA only
+    print(f"\n{'method':<17}{'val loss':>9}{'vs master':>11}{'B/param':>9}{'B/qparam':>10}{'B/other':>9}{'tok/s':>9}"
+          f"{'moved':>8}" + (f"{'peak MiB':>10}" if peak else ""))
+    for name, r in results.items():
+        same_step = baseline and last_step(r) == last_step(results[baseline])  # else: no difference to show
+        delta = f"{r['val_loss'] - results[baseline]['val_loss']:+.4f}" if same_step else "-"
+        loss = "diverged" if r["diverged"] else f"{r['val_loss']:.4f}"
+        moved = "-" if r["moved"] is None else f"{r['moved']:.1%}"
+        print(f"{name:<17}{loss:>9}{delta:>11}{r['bytes_per_param']:>9.2f}{r['bytes_per_quantized_param']:>10.2f}"
+              f"{r['bytes_per_other_param']:>9.2f}{r['tokens_per_s']:>9,.0f}{moved:>8}"
+              + (f"{(r.get('peak_memory') or float('nan')) / 2**20:>10,.0f}" if peak else ""))
+    elsewhere = [f"{n} (step {last_step(r)})" for n, r in results.items() if last_step(r) != (c["stop_at"] or c["max_steps"])]
+    if elsewhere:
+        print(f"note: stopped at another step than {c['stop_at'] or c['max_steps']}: {', '.join(elsewhere)}")
+    print("B/param: weights + scales + master copy + optimizer moments per parameter (all, quantized, the rest)\n"
+          "moved: quantized weights whose stored code changed, per step, mean over the last evaluation interval"
+          + ("\npeak MiB: torch.cuda.max_memory_allocated during the method (all it allocated)" if peak else "")
+          + f"\nwrote {os.path.join(c['out_dir'], 'results.json')}")
+    plot(results, os.path.join(c["out_dir"], "curves.png"))
 
 
 def report_seeds(summary, c):

@@ -276,7 +276,7 @@ def main(argv=None):
             if RANK == 0:  # the one rank that writes files
                 runs.write_results(c, {**earlier, **results})
         if RANK == 0:
-            report({**earlier, **results}, c)
+            runs.report({**earlier, **results}, c)
     runs.stop_ranks()  # torchrun: leave together
     return results
 
@@ -377,30 +377,6 @@ def train_method(short, c, cfg, init_state, train_data, val_data, dev):
         row["sample"] = enc.decode(ids[0].tolist())
         print(f"{name} sample: {row['sample']!r}")
     return row
-
-
-def report(results, c):
-    baseline = next((n for n in results if n.endswith("master_rtn")), None)
-    last_step = lambda r: r["curve"][-1][0] if r["curve"] else None  # rows kept from a run stopped elsewhere
-    peak = any(r.get("peak_memory") is not None for r in results.values())  # CUDA only
-    print(f"\n{'method':<17}{'val loss':>9}{'vs master':>11}{'B/param':>9}{'B/qparam':>10}{'B/other':>9}{'tok/s':>9}"
-          f"{'moved':>8}" + (f"{'peak MiB':>10}" if peak else ""))
-    for name, r in results.items():
-        same_step = baseline and last_step(r) == last_step(results[baseline])  # else: no difference to show
-        delta = f"{r['val_loss'] - results[baseline]['val_loss']:+.4f}" if same_step else "-"
-        loss = "diverged" if r["diverged"] else f"{r['val_loss']:.4f}"
-        moved = "-" if r["moved"] is None else f"{r['moved']:.1%}"
-        print(f"{name:<17}{loss:>9}{delta:>11}{r['bytes_per_param']:>9.2f}{r['bytes_per_quantized_param']:>10.2f}"
-              f"{r['bytes_per_other_param']:>9.2f}{r['tokens_per_s']:>9,.0f}{moved:>8}"
-              + (f"{(r.get('peak_memory') or float('nan')) / 2**20:>10,.0f}" if peak else ""))
-    elsewhere = [f"{n} (step {last_step(r)})" for n, r in results.items() if last_step(r) != (c["stop_at"] or c["max_steps"])]
-    if elsewhere:
-        print(f"note: stopped at another step than {c['stop_at'] or c['max_steps']}: {', '.join(elsewhere)}")
-    print("B/param: weights + scales + master copy + optimizer moments per parameter (all, quantized, the rest)\n"
-          "moved: quantized weights whose stored code changed, per step, mean over the last evaluation interval"
-          + ("\npeak MiB: torch.cuda.max_memory_allocated during the method (all it allocated)" if peak else "")
-          + f"\nwrote {os.path.join(c['out_dir'], 'results.json')}")
-    runs.plot(results, os.path.join(c["out_dir"], "curves.png"))
 
 
 if __name__ == "__main__":
