@@ -70,30 +70,21 @@ def test_checkpoint_resume_is_bit_identical(optimizer, tmp_path):
         assert torch.equal(a.float(), b.float()), name
 
 
-def test_optimizer_bad_arguments_raise_clear_errors():
-    """A bad mode, rounding, lr, beta1 or momentum fails at construction, naming the value and what is accepted."""
-    params = list(tiny_model().parameters())
-    with pytest.raises(ValueError, match="'ema'.*accepted.*master.*naive.*eco"):
-        eco.ECOAdamW(params, mode="ema")
-    with pytest.raises(ValueError, match="'floor'.*accepted"):
-        eco.ECOAdamW(params, rounding="floor")
-    with pytest.raises(ValueError, match="lr=-0.1"):
-        eco.ECOAdamW(params, lr=-0.1)
-    with pytest.raises(ValueError, match="beta1=0.0.*\\(0.0, 1.0\\)"):
-        eco.ECOAdamW(params, betas=(0.0, 0.99), mode="eco")
-    with pytest.raises(ValueError, match="momentum=1.0"):
-        eco.ECOSGD(params, lr=0.1, momentum=1.0)
-
-
-def test_bad_moments_and_injection_values_raise_clear_errors():
-    """A bad moments, injection or eps fails at construction, naming the value and what is accepted."""
-    params = list(tiny_model().parameters())
-    with pytest.raises(ValueError, match="'int8'.*accepted.*fp32.*bf16.*fp8"):
-        eco.ECOAdamW(params, moments="int8")
-    with pytest.raises(ValueError, match="'next'.*accepted.*paper.*next_lr"):
-        eco.ECOAdamW(params, injection="next")
-    with pytest.raises(ValueError, match="eps=0.*\\(0.0, inf\\)"):
-        eco.ECOAdamW(params, eps=0.0)
+@pytest.mark.parametrize("make, match", [
+    (lambda p: eco.ECOAdamW(p, mode="ema"), "'ema'.*accepted.*master.*naive.*eco"),
+    (lambda p: eco.ECOAdamW(p, rounding="floor"), "'floor'.*accepted"),
+    (lambda p: eco.ECOAdamW(p, lr=-0.1), "lr=-0.1"),
+    (lambda p: eco.ECOAdamW(p, betas=(0.0, 0.99), mode="eco"), "beta1=0.0.*\\(0.0, 1.0\\)"),
+    (lambda p: eco.ECOSGD(p, lr=0.1, momentum=1.0), "momentum=1.0"),
+    (lambda p: eco.ECOAdamW(p, moments="int8"), "'int8'.*accepted.*fp32.*bf16.*fp8"),
+    (lambda p: eco.ECOAdamW(p, injection="next"), "'next'.*accepted.*paper.*next_lr"),
+    (lambda p: eco.ECOAdamW(p, eps=0.0), "eps=0.*\\(0.0, inf\\)"),
+])
+def test_bad_optimizer_arguments_raise_clear_errors(make, match):
+    """A bad mode, rounding, lr, beta1, momentum, moments, injection or eps fails at construction, naming the value
+    and what is accepted."""
+    with pytest.raises(ValueError, match=match):
+        make(list(tiny_model().parameters()))
 
 
 def test_parameters_on_several_devices_are_refused():
