@@ -384,8 +384,9 @@ def finished(c, names):
 
 
 def finished_rows(rows, max_steps):
-    """The rows {method: row} of the methods that reached max_steps."""
-    return {n: r for n, r in rows.items() if r["curve"] and r["curve"][-1][0] == max_steps}
+    """The rows {method: row} of the methods that ended: reached max_steps, or diverged (an outcome, reported as
+    such; the same seed would diverge again)."""
+    return {n: r for n, r in rows.items() if r.get("diverged") or (r["curve"] and r["curve"][-1][0] == max_steps)}
 
 
 def train_seeds(c, names, script, defaults):
@@ -466,12 +467,19 @@ def report(results, c):
 def report_seeds(summary, c):
     seeds = f"seeds {c['seed']} .. {c['seed'] + c['seeds'] - 1}"
     print(f"\n{'method':<17}{'mean val loss':>14}{'sd':>8}   vs master: mean paired difference [95% interval] ({seeds})")
+    baseline_diverged = next((r["diverged"] for n, r in summary.items() if n.endswith("master_rtn")), [])
     for name, r in summary.items():
+        if r["diverged"]:  # no mean over the seeds that happened to finish: that would hide the failure
+            print(f"{name:<17}{'diverged':>14}{'-':>8}   in seeds {', '.join(map(str, r['diverged']))} of "
+                  f"{len(r['val_losses'])}: no mean, no interval")
+            continue
         line = f"{name:<17}{r['mean']:>14.4f}{r['sd']:>8.4f}"
         if "interval" in r and not name.endswith("master_rtn"):
             lo, hi = r["interval"]
-            verdict = "contains 0: unresolved" if lo <= 0 <= hi else "resolved: " + ("lower" if hi < 0 else "higher")
-            line += f"   {r['difference']:+.4f} [{lo:+.4f}, {hi:+.4f}]  {verdict}"
+            if baseline_diverged:
+                line += f"   no interval: master weights diverged in seeds {', '.join(map(str, baseline_diverged))}"
+            else:
+                line += f"   {r['difference']:+.4f} [{lo:+.4f}, {hi:+.4f}]  {verdict(lo, hi)}"
         print(line)
     print("sd: over seeds; the interval: Student's t over the per-seed differences to master weights (same seed: the "
           "same initial weights, batches and rounding streams)")
@@ -488,12 +496,21 @@ def summarize(rows, baseline):
         losses = [rows[s][name]["val_loss"] for s in seeds]
         mean = sum(losses) / len(losses)
         sd = math.sqrt(sum((x - mean) ** 2 for x in losses) / (len(losses) - 1)) if len(losses) > 1 else float("nan")
-        summary[name] = dict(val_losses=losses, mean=mean, sd=sd)
+        diverged = [s for s in seeds if rows[s][name].get("diverged")]  # their val_loss is nan
+        summary[name] = dict(val_losses=losses, mean=mean, sd=sd, diverged=diverged)
         if baseline in rows[seeds[0]]:
             diffs = [rows[s][name]["val_loss"] - rows[s][baseline]["val_loss"] for s in seeds]
             diff, half = paired_interval(diffs)
             summary[name].update(differences=diffs, difference=diff, interval=[diff - half, diff + half])
     return summary
+
+
+def verdict(lo, hi):
+    """How an interval of a difference reads: resolved only if it excludes 0. nan (one seed, or a run that
+    diverged: its loss is nan) is no interval at all, never "resolved"."""
+    if math.isnan(lo) or math.isnan(hi):
+        return "no interval: one seed, or a run that diverged (nan)"
+    return "contains 0: unresolved" if lo <= 0 <= hi else "resolved: " + ("lower" if hi < 0 else "higher")
 
 
 def paired_interval(differences, level=0.95):
@@ -541,7 +558,8 @@ def plot(results, path):
 
 def plot_intervals(summary, path):
     """Each method's mean paired difference to master weights with its 95% interval, one row per method."""
-    rows = [(name, r) for name, r in summary.items() if "interval" in r and not name.endswith("master_rtn")]
+    rows = [(name, r) for name, r in summary.items()  # a nan interval (a diverged seed) has nothing to draw
+            if "interval" in r and not name.endswith("master_rtn") and not any(map(math.isnan, r["interval"]))]
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -588,6 +606,5 @@ if __name__ == "__main__":  # python runs.py OUT_A:METHOD OUT_B:METHOD
     if len(sys.argv) != 3:
         sys.exit("usage: python runs.py OUT_A:METHOD OUT_B:METHOD   (two --seeds runs; paired by seed)")
     mean, (lo, hi), common = compare(*sys.argv[1:])
-    verdict = "contains 0: unresolved" if lo <= 0 <= hi else "resolved: " + ("lower" if hi < 0 else "higher")
     print(f"{sys.argv[1]} - {sys.argv[2]}: {mean:+.4f} [{lo:+.4f}, {hi:+.4f}] (95% interval, seeds "
-          f"{', '.join(common)})  {verdict}")
+          f"{', '.join(common)})  {verdict(lo, hi)}")

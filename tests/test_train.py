@@ -524,6 +524,44 @@ def test_t_quantiles_and_a_paired_interval():
     assert math.isnan(runs.paired_interval([0.01])[1])
 
 
+def test_an_interval_reads_resolved_only_when_it_excludes_zero(capsys):
+    """verdict: nan (one seed, a diverged run) is no interval, never "resolved"; a method that diverged in a seed
+    gets no mean and no interval, and if master weights diverged no method gets an interval."""
+    assert runs.verdict(-0.01, 0.02) == "contains 0: unresolved" and runs.verdict(0.0, 0.1) == "contains 0: unresolved"
+    assert runs.verdict(0.01, 0.02) == "resolved: higher" and runs.verdict(-0.02, -0.01) == "resolved: lower"
+    assert runs.verdict(math.nan, math.nan).startswith("no interval")
+    nan, c = math.nan, dict(seed=1, seeds=2, out_dir="")
+    rows = {"1": dict(fp8_master_rtn=dict(val_loss=4.0), eco=dict(val_loss=nan, diverged=True), sr=dict(val_loss=4.2)),
+            "2": dict(fp8_master_rtn=dict(val_loss=4.1), eco=dict(val_loss=4.3), sr=dict(val_loss=4.3))}
+    summary = runs.summarize(rows, "fp8_master_rtn")
+    assert summary["eco"]["diverged"] == ["1"] and math.isnan(summary["eco"]["mean"]) and summary["sr"]["diverged"] == []
+    runs.report_seeds(summary, c)
+    out = capsys.readouterr().out
+    assert re.search(r"\neco +diverged +- +in seeds 1 of 2: no mean, no interval\n", out)
+    assert re.search(r"\nsr +4\.2500 +0\.0707 +\+0\.2000 \[\+0\.2000, \+0\.2000\]  resolved: higher\n", out)
+    rows["2"]["fp8_master_rtn"] = dict(val_loss=nan, diverged=True)
+    runs.report_seeds(runs.summarize(rows, "fp8_master_rtn"), c)
+    assert re.search(r"\nsr +4\.2500 +0\.0707 +no interval: master weights diverged in seeds 2\n", capsys.readouterr().out)
+
+
+def test_a_method_that_diverged_in_a_seed_is_kept_as_diverged_and_not_trained_again(small_data, tmp_path, capsys):
+    """--seeds: a seed whose run diverged has finished (the same seed diverges again): a rerun does not train it,
+    and the summary names the method as diverged instead of dropping it or averaging the other seeds."""
+    args = tiny_args(small_data, tmp_path, "--methods=master_rtn,eco_sr", "--seeds=2")
+    train.main(args)
+    path = tmp_path / "seed_1338" / "results.json"
+    saved = json.loads(path.read_text())  # as train.py writes a method that diverged before its last evaluation
+    saved["methods"]["fp8_eco_sr"].update(diverged=True, val_loss=math.nan,
+                                          curve=saved["methods"]["fp8_eco_sr"]["curve"][:-1])
+    path.write_text(json.dumps(saved))
+    capsys.readouterr()
+    summary = train.main(args)
+    out = capsys.readouterr().out
+    assert "seed 1338: finished in" in out and "training in" not in out
+    assert list(map(str, summary["fp8_eco_sr"]["diverged"])) == ["1338"] and math.isnan(summary["fp8_eco_sr"]["mean"])
+    assert re.search(r"fp8_eco_sr +diverged +- +in seeds 1338 of 2: no mean, no interval", out)
+
+
 def test_several_seeds_train_in_sub_folders_as_single_runs_and_report_paired_intervals(small_data, tmp_path, capsys):
     """--seeds=2: seed s's rows are exactly those of a plain run with --seed=s; results.json keeps every seed's
     rows and each method's mean, sd and paired interval to master weights; a second call trains nothing."""
