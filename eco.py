@@ -498,7 +498,10 @@ class ECOSGD(_QuantizedOptimizer):
 # Where the first-order view fails: the injection is proportional to m~ (H^-1 grows with the momentum), so it is
 # small against m~ only while the rounding error is small against the step, |e| << lr s. With FP8 weights it stays
 # under a fifth of |m~| on the default run; with NVFP4 weights and stochastic rounding it is a third to a half,
-# compounds, and the momentum overflowed in the cosine decay (RESULTS.md: measured, not solved).
+# compounds, and the momentum overflowed in the cosine decay (RESULTS.md: measured, not solved). Bounding it keeps
+# the momentum finite but does not bring the loss near master weights (RESULTS.md): whatever the momentum holds,
+# Muon's step has the fixed size lr s (all singular values of O are about 1), so a rounding error larger than one
+# step cannot be put back in one step, and stochastic rounding on a 4-bit grid makes a new one every step.
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Muon's quintic: pushes singular values towards [0.7, 1.2] fast
 
