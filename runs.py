@@ -371,8 +371,8 @@ def seed_dirs(c):
 
 
 def finished(c, names):
-    """The rows of a sub-folder whose results.json has these settings and every method of `names` at the last step,
-    else None. The rows are those of every finished method there: earlier commands' too (a subset of methods run
+    """The rows of a sub-folder whose results.json has these settings and every method of `names` finished (at the
+    last step, or diverged), else None. The rows are those of every finished method there: earlier commands' too (a subset of methods run
     later into the same out_dir adds to them)."""
     path = os.path.join(c["out_dir"], "results.json")
     try:
@@ -483,8 +483,9 @@ def report_seeds(summary, c):
         print(line)
     print("sd: over seeds; the interval: Student's t over the per-seed differences to master weights (same seed: the "
           "same initial weights, batches and rounding streams)")
-    plot_intervals(summary, os.path.join(c["out_dir"], "intervals.png"))
-    print(f"wrote {os.path.join(c['out_dir'], 'results.json')} (every seed's rows) and intervals.png")
+    figure = plot_intervals(summary, os.path.join(c["out_dir"], "intervals.png"))
+    print(f"wrote {os.path.join(c['out_dir'], 'results.json')} (every seed's rows)"
+          + (" and intervals.png" if figure else " (no intervals.png: no matplotlib, or no interval to draw)"))
 
 
 def summarize(rows, baseline):
@@ -557,7 +558,9 @@ def plot(results, path):
 
 
 def plot_intervals(summary, path):
-    """Each method's mean paired difference to master weights with its 95% interval, one row per method."""
+    """Each method's mean paired difference to master weights with its 95% interval, one row per method. Returns
+    whether it wrote the figure; if not (no matplotlib, or no finite interval), an older one at path is removed: the
+    figure beside results.json always shows its numbers."""
     rows = [(name, r) for name, r in summary.items()  # a nan interval (a diverged seed) has nothing to draw
             if "interval" in r and not name.endswith("master_rtn") and not any(map(math.isnan, r["interval"]))]
     try:
@@ -565,9 +568,11 @@ def plot_intervals(summary, path):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return  # the plot is optional
+        rows = []  # the plot is optional
     if not rows:
-        return
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        return False
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.2))
     for y, (name, r) in enumerate(rows):
         lo, hi = r["interval"]
@@ -580,6 +585,7 @@ def plot_intervals(summary, path):
     fig.tight_layout()
     prepare.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
+    return True
 
 
 def compare(a, b):

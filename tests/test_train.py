@@ -524,13 +524,13 @@ def test_t_quantiles_and_a_paired_interval():
     assert math.isnan(runs.paired_interval([0.01])[1])
 
 
-def test_an_interval_reads_resolved_only_when_it_excludes_zero(capsys):
+def test_an_interval_reads_resolved_only_when_it_excludes_zero(tmp_path, capsys):
     """verdict: nan (one seed, a diverged run) is no interval, never "resolved"; a method that diverged in a seed
     gets no mean and no interval, and if master weights diverged no method gets an interval."""
     assert runs.verdict(-0.01, 0.02) == "contains 0: unresolved" and runs.verdict(0.0, 0.1) == "contains 0: unresolved"
     assert runs.verdict(0.01, 0.02) == "resolved: higher" and runs.verdict(-0.02, -0.01) == "resolved: lower"
     assert runs.verdict(math.nan, math.nan).startswith("no interval")
-    nan, c = math.nan, dict(seed=1, seeds=2, out_dir="")
+    nan, c = math.nan, dict(seed=1, seeds=2, out_dir=str(tmp_path))
     rows = {"1": dict(fp8_master_rtn=dict(val_loss=4.0), eco=dict(val_loss=nan, diverged=True), sr=dict(val_loss=4.2)),
             "2": dict(fp8_master_rtn=dict(val_loss=4.1), eco=dict(val_loss=4.3), sr=dict(val_loss=4.3))}
     summary = runs.summarize(rows, "fp8_master_rtn")
@@ -539,9 +539,12 @@ def test_an_interval_reads_resolved_only_when_it_excludes_zero(capsys):
     out = capsys.readouterr().out
     assert re.search(r"\neco +diverged +- +in seeds 1 of 2: no mean, no interval\n", out)
     assert re.search(r"\nsr +4\.2500 +0\.0707 +\+0\.2000 \[\+0\.2000, \+0\.2000\]  resolved: higher\n", out)
+    (tmp_path / "intervals.png").write_bytes(b"an older figure")  # e.g. an earlier --seeds=2 into this out_dir
     rows["2"]["fp8_master_rtn"] = dict(val_loss=nan, diverged=True)
     runs.report_seeds(runs.summarize(rows, "fp8_master_rtn"), c)
-    assert re.search(r"\nsr +4\.2500 +0\.0707 +no interval: master weights diverged in seeds 2\n", capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert re.search(r"\nsr +4\.2500 +0\.0707 +no interval: master weights diverged in seeds 2\n", out)
+    assert "no intervals.png" in out and not (tmp_path / "intervals.png").exists()  # not left to show other numbers
 
 
 def test_a_method_that_diverged_in_a_seed_is_kept_as_diverged_and_not_trained_again(small_data, tmp_path, capsys):
