@@ -372,8 +372,8 @@ def seed_dirs(c):
 
 def finished(c, names):
     """The rows of a sub-folder whose results.json has these settings and every method of `names` finished (at the
-    last step, or diverged), else None. The rows are those of every finished method there: earlier commands' too (a subset of methods run
-    later into the same out_dir adds to them)."""
+    last step, or diverged), else None. The rows are those of every finished method there, earlier commands' too
+    (a subset of methods run later into the same out_dir adds to them)."""
     path = os.path.join(c["out_dir"], "results.json")
     try:
         rows = check_out_dir(dict(c, resume=False, save_checkpoint=False), names)
