@@ -460,8 +460,9 @@ def report(results, c):
     print("B/param: weights + scales + master copy + optimizer moments per parameter (all, quantized, the rest)\n"
           "moved: quantized weights whose stored code changed, per step, mean over the last evaluation interval"
           + ("\npeak MiB: torch.cuda.max_memory_allocated during the method (all it allocated)" if peak else "")
-          + f"\nwrote {os.path.join(c['out_dir'], 'results.json')}")
-    plot(results, os.path.join(c["out_dir"], "curves.png"))
+          + f"\nwrote {os.path.join(c['out_dir'], 'results.json')}", end="")
+    figure = plot(results, os.path.join(c["out_dir"], "curves.png"))
+    print(" and curves.png" if figure else " (no curves.png: no matplotlib, or no curve to draw)")
 
 
 def report_seeds(summary, c):
@@ -529,15 +530,11 @@ def paired_interval(differences, level=0.95):
 # The figure (optional matplotlib)
 
 def plot(results, path):
-    """Validation loss, and beside it the fraction of codes moved per step, of every method with a curve."""
-    if not any(r["curve"] for r in results.values()):
-        return  # every method diverged before its first evaluation: nothing to plot
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return  # the plot is optional
+    """Validation loss, and beside it the fraction of codes moved per step, of every method with a curve. Returns
+    whether it wrote the figure (see write_figure)."""
+    plt = pyplot()
+    if plt is None or not any(r["curve"] for r in results.values()):  # no matplotlib, or all diverged at once
+        return write_figure(path, None)
     fig, (ax_loss, ax_moved) = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, r in results.items():  # left: validation loss; right: the stall diagnostic of the quantized methods
         if r["curve"]:
@@ -552,27 +549,17 @@ def plot(results, path):
     if any(moved > 0 for r in results.values() for _, moved in r["moved_curve"]):
         ax_moved.set_yscale("log")  # the stalled methods sit an order of magnitude below the others
     ax_loss.legend()
-    fig.tight_layout()
-    prepare.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
+    return write_figure(path, fig)
 
 
 def plot_intervals(summary, path):
     """Each method's mean paired difference to master weights with its 95% interval, one row per method. Returns
-    whether it wrote the figure; if not (no matplotlib, or no finite interval), an older one at path is removed: the
-    figure beside results.json always shows its numbers."""
+    whether it wrote the figure (see write_figure)."""
     rows = [(name, r) for name, r in summary.items()  # a nan interval (a diverged seed) has nothing to draw
             if "interval" in r and not name.endswith("master_rtn") and not any(map(math.isnan, r["interval"]))]
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        rows = []  # the plot is optional
-    if not rows:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-        return False
+    plt = pyplot()
+    if plt is None or not rows:
+        return write_figure(path, None)
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.2))
     for y, (name, r) in enumerate(rows):
         lo, hi = r["interval"]
@@ -582,9 +569,30 @@ def plot_intervals(summary, path):
     ax.set(yticks=range(len(rows)), yticklabels=[n for n, _ in rows], xlabel="validation loss minus master weights' "
            "(same seed): mean and 95% interval")
     ax.invert_yaxis()
+    return write_figure(path, fig)
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files only, or None without matplotlib: the figures are optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def write_figure(path, fig):
+    """Write fig to path (a temporary name, then moved into place); with no figure (None), remove an older one
+    at path instead: a figure beside results.json always shows its numbers. Returns whether it wrote one."""
+    if fig is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        return False
     fig.tight_layout()
     prepare.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
+    pyplot().close(fig)  # pyplot keeps every figure until it is closed
     return True
 
 

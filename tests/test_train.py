@@ -34,9 +34,16 @@ def tiny_train_args(data_dir, out_dir, *extra):
     return tiny_args(data_dir, out_dir, "--sample_tokens=4", *extra)
 
 
-def test_train_runs_every_method_and_writes_results(small_data, tmp_path):
-    """train.py trains all six methods and writes results.json: losses, curves, bytes per parameter, codes moved."""
+def test_train_runs_every_method_and_writes_results(small_data, tmp_path, capsys):
+    """train.py trains all six methods and writes results.json: losses, curves, bytes per parameter, codes moved;
+    and curves.png, or without matplotlib no figure at all: an older one would show another run's curves."""
+    (tmp_path / "curves.png").write_bytes(b"an older figure")
     results = train.main(tiny_train_args(small_data, tmp_path))
+    out, figure = capsys.readouterr().out, tmp_path / "curves.png"
+    if runs.pyplot() is None:
+        assert "(no curves.png: no matplotlib" in out and not figure.exists()
+    else:
+        assert "results.json and curves.png" in out and figure.read_bytes().startswith(b"\x89PNG")
     saved = json_load(tmp_path / "results.json")
     names = ["fp32", "fp8_master_rtn", "fp8_naive_rtn", "fp8_naive_sr", "fp8_eco_rtn", "fp8_eco_sr"]
     assert list(saved["methods"]) == names == list(results)
