@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -269,17 +268,16 @@ def test_a_token_id_beyond_the_vocabulary_is_refused_even_when_the_checksums_agr
 # -----------------------------------------------------------------------------
 # data/prepare.py: edge cases of --input
 
-def test_a_1mb_line_without_spaces_prepares_in_seconds_and_round_trips(tmp_path):
-    """A 1 MB line without spaces prepares in seconds (BPE trains on chunks of it) and round-trips exactly."""
+def test_a_1mb_line_without_spaces_trains_on_chunks_and_round_trips(tmp_path):
+    """A 1 MB line without spaces: BPE trains on chunks of it (about 5 s here; on the whole word, minutes: each
+    merge rescans it), and the tokenizer still encodes the whole line, exactly."""
     rng = np.random.default_rng(0)
     text = rng.integers(ord("a"), ord("z") + 1, 1_000_000, dtype=np.uint8).tobytes().decode()  # one 1 MB "word"
     (tmp_path / "line.txt").write_text(text)
     words = prepare.count_words(text)
     assert max(map(len, words)) == prepare.MAX_WORD  # BPE trains on chunks only ...
     assert sum(len(w) * n for w, n in words.items()) == len(text)  # ... and on every character
-    start = time.perf_counter()
     prepare.prepare(str(tmp_path / "out"), str(tmp_path / "line.txt"), vocab_size=300)
-    assert time.perf_counter() - start < 30  # about 5 s; without the chunks, minutes
     enc = prepare.load_tokenizer(str(tmp_path / "out" / "tokenizer.tiktoken"))
     assert enc.decode(enc.encode_ordinary(text)) == text
     assert bins_text(tmp_path / "out") == text
