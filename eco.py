@@ -498,11 +498,12 @@ class ECOSGD(_QuantizedOptimizer):
 # Where the first-order view fails: the injection is proportional to m~ (H^-1 grows with the momentum), so it is
 # small against m~ only while the rounding error is small against the step, |e| << lr s. With FP8 weights it stays
 # under a fifth of |m~| on the default run; with NVFP4 weights and stochastic rounding it is a third to a half,
-# compounds, and the momentum overflowed in the cosine decay (RESULTS.md: measured, not solved). With NVFP4 weights
-# and round-to-nearest, where next to no code moves, it overflowed too, earlier: a stuck weight leaves the momentum
-# exactly at the edge (beta x 1/beta = 1, the check above), the injection measured 0.09 of |m~| instead of 1/beta - 1
-# = 0.05, with or without weight decay, and the momentum grew by beta x 1.09 per step (RESULTS.md). ECO-SGDM's step
-# grows with such a momentum until the weight moves; Muon's does not, so nothing pulls it back. Bounding it keeps
+# compounds, and the momentum overflowed in the cosine decay (RESULTS.md: measured, not solved). With NVFP4 weights,
+# round-to-nearest and the fp8 momentum, where next to no code moves, it overflowed too, earlier: a stuck weight
+# leaves the momentum exactly at the edge (beta x 1/beta = 1, the check above), the injection measured 0.09 of |m~|
+# instead of 1/beta - 1 = 0.05 (0.055 to 0.059 with a float32 momentum, which did not diverge), and the momentum grew
+# by beta x 1.09 per step (RESULTS.md). ECO-SGDM's step grows with such a momentum until the weight moves; Muon's
+# does not, so nothing pulls it back. Bounding it keeps
 # the momentum finite but does not bring the loss near master weights (RESULTS.md): whatever the momentum holds,
 # Muon's step has the fixed size lr s (all singular values of O are about 1), so a rounding error larger than one
 # step cannot be put back in one step, and stochastic rounding on a 4-bit grid makes a new one every step.
